@@ -1,0 +1,1 @@
+"""supportqa client library."""

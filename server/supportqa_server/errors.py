@@ -1,0 +1,35 @@
+"""Domain errors raised by the pipeline and the store; servicers map them to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class SupportQAError(Exception):
+    """Base of every error the server turns into a gRPC status (see servicers.STATUS_OF)."""
+
+
+class InvalidInput(SupportQAError):
+    """The request is malformed: empty question, bad audio or image, value out of range."""
+
+
+class NotFound(SupportQAError):
+    """A knowledge base or entry that does not exist."""
+
+
+class TooLarge(SupportQAError):
+    """Input over a documented size limit (text length, audio seconds, image pixels)."""
+
+
+class Overloaded(SupportQAError):
+    """A model's queue is full; the caller should back off and retry."""
+
+
+class NotAvailable(SupportQAError):
+    """A route the server does not offer (voice or image models not loaded)."""
+
+
+class Unauthenticated(SupportQAError):
+    """Missing or wrong API key."""
+
+
+class Cancelled(SupportQAError):
+    """The caller went away or its deadline passed before the work ran."""

@@ -33,3 +33,7 @@ class Unauthenticated(SupportQAError):
 
 class Cancelled(SupportQAError):
     """The caller went away or its deadline passed before the work ran."""
+
+
+class NotReady(SupportQAError):
+    """The server is still loading models or opening the store."""

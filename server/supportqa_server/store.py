@@ -1,0 +1,402 @@
+"""The knowledge base in Milvus: one row per entry text, versioned so readers never see half an entry.
+
+Layout per knowledge base NAME (a collection pair, so knowledge bases are isolated and can be
+dropped on their own):
+- `sqa_NAME_rows`: one row per searchable text of an entry (its title, each paraphrase, its
+  answer): dense vector, BM25 sparse vector (Milvus BM25 function over `text`), entry id,
+  entry version, tags and locale for filtering.
+- `sqa_NAME_entries`: one row per entry: its id, committed version and the entry as JSON.
+
+Writes are ordered so that a reader sees either the old or the new version of an entry, whole:
+new rows go in under a new version, then the entry row is replaced (the commit point), then
+the old rows are deleted. Search drops any row whose version is not the committed one, so
+stale paraphrases can never match and half-written ones are never seen. Rows of a write that
+died before its commit point are removed the next time the store opens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+INSERT_BATCH = 1000  # rows per insert: Milvus Lite 2.5 slows sharply on larger batches
+MAX_TEXT_BYTES = 8192  # VARCHAR capacity of one searchable text, in bytes
+MAX_DOC_BYTES = 65535  # VARCHAR capacity of one entry's JSON
+MAX_SEARCH_LIMIT = 16384  # Milvus's largest top-k
+
+
+@dataclass(frozen=True)
+class EntryData:
+    """One knowledge-base entry as the server keeps it."""
+
+    id: str
+    answer: str
+    title: str = ""
+    questions: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    locale: str = ""
+    url: str = ""
+    updated_at: float = 0.0  # seconds since the epoch; 0 when the caller gave none
+    image_count: int = 0
+
+    def texts(self) -> list[tuple[str, str]]:
+        """(kind, text) of every searchable text, duplicates removed, in a stable order."""
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for kind, text in [("title", self.title)] + [("question", q) for q in self.questions] + [
+            ("answer", self.answer)
+        ]:
+            t = text.strip()
+            if t and t.casefold() not in seen:
+                seen.add(t.casefold())
+                out.append((kind, t))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, doc: str) -> EntryData:
+        d = json.loads(doc)
+        for k in ("questions", "tags"):
+            d[k] = tuple(d.get(k, ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RowHit:
+    """One matching text of an entry."""
+
+    entry_id: str
+    kind: str  # title | question | answer
+    text: str
+    score: float  # cosine similarity for dense hits, BM25 score for lexical hits
+
+
+@dataclass
+class _KB:
+    name: str
+    committed: dict[str, tuple[int, EntryData]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(e.texts()) for _, e in self.committed.values())
+
+
+def _rows_name(kb: str) -> str:
+    return f"sqa_{kb}_rows"
+
+
+def _entries_name(kb: str) -> str:
+    return f"sqa_{kb}_entries"
+
+
+def _quote(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _tags_field(tags: Iterable[str]) -> str:
+    return "|" + "|".join(t.replace("|", "/") for t in tags) + "|" if tags else ""
+
+
+class KnowledgeStore:
+    """Milvus-backed knowledge bases. Thread-safe; writes to one knowledge base are serialised.
+
+    Args:
+        uri: Milvus Lite file path (a local `*.db`) or a standalone/cluster URI.
+        dim: Dimension of the dense text vectors.
+        token: Credentials for a standalone/cluster server.
+        db_name: Database on a standalone/cluster server.
+        lexical: Keep a BM25 index beside the dense one.
+    """
+
+    def __init__(
+        self, uri: str, dim: int, *, token: str = "", db_name: str = "", lexical: bool = True
+    ) -> None:
+        self.uri = uri
+        self.dim = dim
+        self.lexical = lexical
+        self._token = token
+        self._db_name = db_name
+        self._kbs: dict[str, _KB] = {}
+        self._create_lock = threading.Lock()
+        self._last_version = 0
+        self._client = None
+
+    def open(self) -> None:
+        """Connects, loads every knowledge base's committed entries, removes dead rows."""
+        from pymilvus import MilvusClient
+
+        kwargs = {"uri": self.uri}
+        if self._token:
+            kwargs["token"] = self._token
+        if self._db_name:
+            kwargs["db_name"] = self._db_name
+        self._client = MilvusClient(**kwargs)
+        for name in self._client.list_collections():
+            if name.startswith("sqa_") and name.endswith("_entries"):
+                kb = name[len("sqa_") : -len("_entries")]
+                if self._client.has_collection(_rows_name(kb)):
+                    self._load(kb)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            raise RuntimeError("the store is not open")
+        return self._client
+
+    def _load(self, kb: str) -> None:
+        state = _KB(kb)
+        c = self.client
+        c.load_collection(_entries_name(kb))
+        c.load_collection(_rows_name(kb))
+        it = c.query_iterator(
+            _entries_name(kb), batch_size=1000, filter="version >= 0",
+            output_fields=["entry_id", "version", "doc"],
+        )
+        while batch := it.next():
+            for r in batch:
+                state.committed[r["entry_id"]] = (int(r["version"]), EntryData.from_json(r["doc"]))
+        it.close()
+        dead: list[str] = []
+        it = c.query_iterator(
+            _rows_name(kb), batch_size=1000, filter="version >= 0",
+            output_fields=["pk", "entry_id", "version"],
+        )
+        while batch := it.next():
+            for r in batch:
+                current = state.committed.get(r["entry_id"])
+                if current is None or current[0] != int(r["version"]):
+                    dead.append(r["pk"])
+        it.close()
+        if dead:
+            log.warning("knowledge base %s: removing %d rows of unfinished writes", kb, len(dead))
+            for i in range(0, len(dead), INSERT_BATCH):
+                c.delete(_rows_name(kb), ids=dead[i : i + INSERT_BATCH])
+        self._kbs[kb] = state
+
+    def _create(self, kb: str) -> _KB:
+        from pymilvus import DataType, Function, FunctionType, MilvusClient
+
+        c = self.client
+        rows = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        rows.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
+        rows.add_field("entry_id", DataType.VARCHAR, max_length=256)
+        rows.add_field("version", DataType.INT64)
+        rows.add_field("kind", DataType.VARCHAR, max_length=16)
+        rows.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True)
+        rows.add_field("tags", DataType.VARCHAR, max_length=2048)  # "|a|b|", matched with like
+        rows.add_field("locale", DataType.VARCHAR, max_length=32)
+        rows.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        index = c.prepare_index_params()
+        index.add_index("vector", index_type="FLAT", metric_type="IP")  # unit vectors: cosine
+        if self.lexical:
+            rows.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            rows.add_function(
+                Function(
+                    name="bm25", function_type=FunctionType.BM25,
+                    input_field_names=["text"], output_field_names=["sparse"],
+                )
+            )
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        c.create_collection(
+            _rows_name(kb), schema=rows, index_params=index, consistency_level="Strong"
+        )
+        entries = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        entries.add_field("entry_id", DataType.VARCHAR, is_primary=True, max_length=256)
+        entries.add_field("version", DataType.INT64)
+        entries.add_field("doc", DataType.VARCHAR, max_length=MAX_DOC_BYTES)
+        entries.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector
+        eindex = c.prepare_index_params()
+        eindex.add_index("unused", index_type="FLAT", metric_type="L2")
+        c.create_collection(
+            _entries_name(kb), schema=entries, index_params=eindex, consistency_level="Strong"
+        )
+        state = _KB(kb)
+        self._kbs[kb] = state
+        return state
+
+    def _kb(self, kb: str, *, create: bool = False) -> _KB:
+        state = self._kbs.get(kb)
+        if state is not None:
+            return state
+        if not create:
+            raise NotFound(
+                f"knowledge base {kb!r} does not exist; existing: "
+                f"{', '.join(sorted(self._kbs)) or 'none'}. Ingest entries into it first"
+            )
+        with self._create_lock:
+            return self._kbs.get(kb) or self._create(kb)
+
+    def _next_version(self) -> int:
+        v = max(time.time_ns(), self._last_version + 1)
+        self._last_version = v
+        return v
+
+    def knowledge_bases(self) -> list[str]:
+        return sorted(self._kbs)
+
+    def has(self, kb: str) -> bool:
+        return kb in self._kbs
+
+    def upsert(
+        self, kb: str, entries: Sequence[EntryData], vectors: Sequence[np.ndarray]
+    ) -> tuple[int, int]:
+        """Writes entries with their text vectors (vectors[i] has one row per entries[i].texts()).
+
+        Returns:
+            (entries that replaced an existing version, rows written).
+        """
+        for e in entries:
+            doc = e.to_json()
+            if len(doc.encode()) > MAX_DOC_BYTES:
+                raise InvalidInput(
+                    f"entry {e.id!r} is {len(doc.encode())} bytes as stored; the limit is "
+                    f"{MAX_DOC_BYTES}: shorten its answer or paraphrases"
+                )
+            for _, t in e.texts():
+                if len(t.encode()) > MAX_TEXT_BYTES:
+                    raise InvalidInput(
+                        f"entry {e.id!r} has a text of {len(t.encode())} bytes; each title, "
+                        f"paraphrase and answer may have at most {MAX_TEXT_BYTES}"
+                    )
+        state = self._kb(kb, create=True)
+        c = self.client
+        with state.lock:
+            version = self._next_version()
+            rows = []
+            for e, vecs in zip(entries, vectors, strict=True):
+                texts = e.texts()
+                if len(texts) != len(vecs):
+                    raise ValueError(f"entry {e.id!r}: {len(texts)} texts, {len(vecs)} vectors")
+                for i, ((kind, text), v) in enumerate(zip(texts, vecs, strict=True)):
+                    rows.append({
+                        "pk": f"{e.id}\x1f{version}\x1f{i}", "entry_id": e.id,
+                        "version": version, "kind": kind, "text": text,
+                        "tags": _tags_field(e.tags), "locale": e.locale,
+                        "vector": np.asarray(v, dtype=np.float32).tolist(),
+                    })
+            for i in range(0, len(rows), INSERT_BATCH):
+                c.insert(_rows_name(kb), rows[i : i + INSERT_BATCH])
+            docs = [
+                {"entry_id": e.id, "version": version, "doc": e.to_json(), "unused": [0.0, 0.0]}
+                for e in entries
+            ]
+            for i in range(0, len(docs), INSERT_BATCH):
+                c.upsert(_entries_name(kb), docs[i : i + INSERT_BATCH])
+            replaced = [e.id for e in entries if e.id in state.committed]
+            for e in entries:
+                state.committed[e.id] = (version, e)
+            ids = sorted({e.id for e in entries})
+            for i in range(0, len(ids), INSERT_BATCH):
+                chunk = ", ".join(_quote(x) for x in ids[i : i + INSERT_BATCH])
+                c.delete(_rows_name(kb), filter=f"entry_id in [{chunk}] and version < {version}")
+        return len(replaced), len(rows)
+
+    def delete(self, kb: str, ids: Sequence[str]) -> tuple[int, list[str]]:
+        """Deletes entries; returns (deleted count, ids that did not exist)."""
+        state = self._kb(kb)
+        c = self.client
+        with state.lock:
+            present = sorted({i for i in ids if i in state.committed})
+            missing = [i for i in ids if i not in state.committed]
+            for i in range(0, len(present), INSERT_BATCH):
+                chunk = present[i : i + INSERT_BATCH]
+                c.delete(_entries_name(kb), ids=chunk)
+                for x in chunk:
+                    state.committed.pop(x, None)
+                quoted = ", ".join(_quote(x) for x in chunk)
+                c.delete(_rows_name(kb), filter=f"entry_id in [{quoted}]")
+        return len(present), missing
+
+    def get(self, kb: str, entry_id: str) -> EntryData:
+        state = self._kb(kb)
+        found = state.committed.get(entry_id)
+        if found is None:
+            raise NotFound(f"entry {entry_id!r} is not in knowledge base {kb!r}")
+        return found[1]
+
+    def entry(self, kb: str, entry_id: str) -> EntryData | None:
+        found = self._kbs[kb].committed.get(entry_id) if kb in self._kbs else None
+        return None if found is None else found[1]
+
+    def counts(self, kb: str) -> tuple[int, int]:
+        """(entries, rows) of a knowledge base."""
+        state = self._kb(kb)
+        return len(state.committed), state.rows
+
+    def search(
+        self,
+        kb: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        *,
+        limit: int,
+        locale: str = "",
+        tags: Sequence[str] = (),
+        lexical: bool = True,
+    ) -> list[tuple[list[RowHit], list[RowHit]]]:
+        """Searches several questions in one call per route.
+
+        Args:
+            vectors: (nq, dim) unit question vectors.
+            texts: nq question texts for the BM25 route.
+            limit: Rows per question and route.
+
+        Returns:
+            Per question, (dense hits, lexical hits), best first, stale rows removed.
+        """
+        state = self._kb(kb)
+        filters = []
+        if locale:
+            filters.append(f'(locale == {_quote(locale)} or locale == "")')
+        if tags:
+            filters.append(
+                "(" + " or ".join(f"tags like {_quote('%|' + t + '|%')}" for t in tags) + ")"
+            )
+        expr = " and ".join(filters)
+        limit = min(limit, MAX_SEARCH_LIMIT)
+        fields = ["entry_id", "version", "kind", "text"]
+        c = self.client
+        dense = c.search(
+            _rows_name(kb), data=[v.tolist() for v in vectors], anns_field="vector",
+            limit=limit, filter=expr, output_fields=fields, search_params={"metric_type": "IP"},
+        )
+        lex: list = [[] for _ in texts]
+        if lexical and self.lexical:
+            nonempty = [i for i, t in enumerate(texts) if t.strip()]
+            if nonempty:
+                found = c.search(
+                    _rows_name(kb), data=[texts[i] for i in nonempty], anns_field="sparse",
+                    limit=limit, filter=expr, output_fields=fields,
+                    search_params={"metric_type": "BM25"},
+                )
+                for i, hits in zip(nonempty, found, strict=True):
+                    lex[i] = hits
+        return [(self._live(state, d), self._live(state, x)) for d, x in zip(dense, lex, strict=True)]
+
+    @staticmethod
+    def _live(state: _KB, hits) -> list[RowHit]:
+        out = []
+        for h in hits:
+            ent = h["entity"]
+            current = state.committed.get(ent["entry_id"])
+            if current is not None and current[0] == int(ent["version"]):
+                out.append(RowHit(ent["entry_id"], ent["kind"], ent["text"], float(h["distance"])))
+        return out

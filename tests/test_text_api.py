@@ -1,0 +1,237 @@
+"""End to end through the real server, client, Milvus Lite and MiniLM: text questions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from supportqa.client import SupportQAError
+from supportqa.v1 import supportqa_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+# Questions worded differently from every text of the sample KB -> the entry that answers them.
+PARAPHRASES = [
+    ("someone nicked my debit card out of my bag", "card-stolen"),
+    ("i forgot the pin number for my card, how can i get a new one", "card-pin-reset"),
+    ("how do i get rid of my account with you for good", "account-close"),
+    ("my friend says the money i transferred on monday never showed up", "transfer-not-arrived"),
+    ("can I put cash aside in separate little savings goals", "savings-pots"),
+    (
+        "app keeps saying Error 4012 card declined by issuer when I pay",
+        "error-4012-card-declined-by-issuer",
+    ),
+    ("what does ERR_TOPUP_LIMIT mean, I can't add money", "error-topup-limit"),
+]
+
+
+@pytest.mark.parametrize(("text", "entry_id"), PARAPHRASES)
+async def test_paraphrase_ranks_right_entry_first(client, text, entry_id):
+    result = await client.ask(text)
+    assert not result.HasField("no_answer"), result.no_answer.reason
+    assert result.answers[0].entry_id == entry_id, [a.entry_id for a in result.answers]
+    assert result.answers[0].rank == 1
+    assert pb.ROUTE_DENSE in result.answers[0].routes
+    scores = [a.score for a in result.answers]
+    assert scores[0] >= result.answers[0].score >= 0.5
+
+
+async def test_stream_event_order(client):
+    kinds = []
+    async for ev in client.ask_stream("my card was stolen", top_k=3):
+        kinds.append(type(ev).__name__)
+        if isinstance(ev, pb.Done):
+            assert ev.timings.total_us >= ev.timings.embed_us > 0
+            assert ev.timings.search_us > 0
+    assert kinds[0] == "Accepted"
+    assert kinds[-1] == "Done"
+    assert set(kinds[1:-1]) == {"Answer"}
+    assert 1 <= len(kinds) - 2 <= 3
+
+
+async def test_off_topic_question_gets_no_answer(client):
+    result = await client.ask("what is the boiling point of tungsten in kelvin")
+    assert result.HasField("no_answer")
+    assert not result.answers
+    assert result.no_answer.best_score < result.no_answer.threshold
+    assert "threshold" in result.no_answer.reason
+
+
+async def test_min_score_override(client):
+    low = await client.ask("what is the boiling point of tungsten in kelvin", min_score=0.0)
+    assert len(low.answers) == 5
+
+
+async def test_upsert_replace_leaves_no_stale_match(client):
+    kb = "replace_test"
+    old = pb.Entry(
+        knowledge_base=kb,
+        id="e1",
+        title="Parking permits",
+        answer="Apply at the town hall.",
+        questions=["how do I get a parking permit for my street"],
+    )
+    other = pb.Entry(
+        knowledge_base=kb,
+        id="e2",
+        title="Library cards",
+        answer="Ask at any library.",
+        questions=["how do I join the library"],
+    )
+    s = await client.upsert([old, other])
+    assert (s.written, s.replaced) == (2, 0)
+    first = await client.ask("parking permit for my road", knowledge_base=kb)
+    assert first.answers[0].entry_id == "e1"
+
+    new = pb.Entry(
+        knowledge_base=kb,
+        id="e1",
+        title="Recycling bins",
+        answer="Bins are collected on Tuesdays.",
+        questions=["which day are the recycling bins emptied"],
+    )
+    s = await client.upsert([new])
+    assert (s.written, s.replaced) == (1, 1)
+    stale = await client.ask(
+        "how do I get a parking permit for my street", knowledge_base=kb, min_score=0.0, top_k=5
+    )
+    for a in stale.answers:
+        assert "parking" not in a.matched_text.lower()
+        assert "town hall" not in a.answer
+    fresh = await client.ask("when do they empty the recycling", knowledge_base=kb)
+    assert fresh.answers[0].entry_id == "e1"
+    assert fresh.answers[0].answer == "Bins are collected on Tuesdays."
+    got = await client.get("e1", knowledge_base=kb)
+    assert got.title == "Recycling bins"
+    stats = await client.stats(kb)
+    assert stats.knowledge_bases[0].entries == 2
+
+
+async def test_delete(client):
+    kb = "delete_test"
+    await client.upsert(
+        [
+            pb.Entry(
+                knowledge_base=kb,
+                id="gone",
+                answer="Soon gone.",
+                questions=["is this entry still here"],
+            ),
+            pb.Entry(
+                knowledge_base=kb,
+                id="stays",
+                answer="Still here.",
+                questions=["what about the weather"],
+            ),
+        ]
+    )
+    d = await client.delete(["gone", "never-existed"], knowledge_base=kb)
+    assert d.deleted == 1
+    assert list(d.not_found) == ["never-existed"]
+    r = await client.ask("is this entry still here", knowledge_base=kb, min_score=0.0)
+    assert all(a.entry_id != "gone" for a in r.answers)
+    with pytest.raises(SupportQAError) as e:
+        await client.get("gone", knowledge_base=kb)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "words"),
+    [
+        (dict(text=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (dict(text="   "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (dict(text="x" * 2001), grpc.StatusCode.INVALID_ARGUMENT, "limit is 2000"),
+        (dict(text="hi", top_k=51), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (dict(text="hi", top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (dict(text="hi", min_score=1.5), grpc.StatusCode.INVALID_ARGUMENT, "min_score"),
+        (dict(text="hi", knowledge_base="nope"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (dict(text="hi", knowledge_base="bad name!"), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ],
+)
+async def test_bad_questions(client, kwargs, code, words):
+    with pytest.raises(SupportQAError) as e:
+        await client.ask(**kwargs)
+    assert e.value.code == code
+    assert words in e.value.details
+
+
+async def test_bad_upsert_keeps_earlier_entries_and_names_the_bad_one(client):
+    kb = "bad_upsert"
+    entries = [
+        pb.Entry(knowledge_base=kb, id="ok1", answer="Fine.", questions=["first question"]),
+        pb.Entry(knowledge_base=kb, id="no-answer", questions=["second question"]),
+        pb.Entry(knowledge_base=kb, id="ok3", answer="Never written.", questions=["third"]),
+    ]
+    with pytest.raises(SupportQAError) as e:
+        await client.upsert(entries)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no-answer" in e.value.details and "no answer" in e.value.details
+    assert e.value.summary is not None
+    assert e.value.summary.written == 1
+    assert e.value.summary.failures[0].entry_id == "no-answer"
+    assert e.value.summary.failures[0].index == 1
+    assert (await client.get("ok1", knowledge_base=kb)).answer == "Fine."
+    with pytest.raises(SupportQAError):
+        await client.get("ok3", knowledge_base=kb)
+
+    with pytest.raises(SupportQAError) as e:
+        await client.upsert([pb.Entry(knowledge_base=kb, answer="anonymous")])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no id" in e.value.details
+
+
+async def test_voice_and_image_unimplemented_on_text_server(client):
+    for kwargs in (dict(audio=b"RIFF....", audio_format="wav"), dict(image=b"\x89PNG")):
+        with pytest.raises(SupportQAError) as e:
+            await client.ask(**kwargs)
+        assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_health_serving_and_reflection(text_server):
+    async with grpc.aio.insecure_channel(text_server) as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        resp = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="supportqa.v1.Answering")
+        )
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+        async def one():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for r in stub.ServerReflectionInfo(one()):
+            names = {s.name for s in r.list_services_response.service}
+            assert {"supportqa.v1.Answering", "supportqa.v1.Knowledge"} <= names
+
+
+async def test_cli_ask_against_server(text_server, capsys):
+    from supportqa.cli import main
+
+    # The blocking CLI runs in a thread: the server shares this test's event loop.
+    args = ["--target", text_server, "ask", "I think somebody stole my card"]
+    assert await asyncio.to_thread(main, args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("1. [")
+    assert "(card-stolen;" in out.splitlines()[0]
+
+
+async def test_cli_ingest_and_stats(text_server, tmp_path, capsys):
+    from supportqa.cli import main
+
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text(
+        '{"id": "a", "answer": "Yes.", "questions": ["do you open on sundays"]}\n'
+        '{"id": "b", "answer": "No.", "questions": ["do you sell gift cards"]}\n'
+    )
+    assert (
+        await asyncio.to_thread(main, ["--target", text_server, "ingest", str(kb), "-k", "cli_kb"])
+        == 0
+    )
+    assert "written 2" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["--target", text_server, "stats", "-k", "cli_kb"]) == 0
+    assert "cli_kb: 2 entries" in capsys.readouterr().out

@@ -93,6 +93,14 @@ def _stats(args: argparse.Namespace, client: SupportClient) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace, client: SupportClient) -> int:
+    from .client import wait_serving
+
+    wait_serving(client._channel, args.wait)
+    print("SERVING")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="supportqa", description=__doc__)
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
@@ -115,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="knowledge base for entries that name none")
     st = sub.add_parser("stats", help="entries and rows per knowledge base, loaded models")
     st.add_argument("--knowledge-base", "-k", default="")
+    hl = sub.add_parser("health", help="exit 0 when the server reports SERVING (Docker check)")
+    hl.add_argument("--wait", type=float, default=3.0, help="seconds to wait for SERVING")
     args = parser.parse_args(argv)
     if args.command == "ask" and not (args.question or args.audio or args.image):
         parser.error("ask needs a question, --audio or --image")
-    handlers = {"ask": _ask, "ingest": _ingest, "stats": _stats}
+    handlers = {"ask": _ask, "ingest": _ingest, "stats": _stats, "health": _health}
     with SupportClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
         try:
             return handlers[args.command](args, client)

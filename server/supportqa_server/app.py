@@ -28,6 +28,15 @@ SERVICES = (
 )
 
 
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 that starts NOT_SERVING (the stock servicer starts SERVING)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("", *SERVICES):
+            self._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 class App:
     """A server, its pipeline and its health servicer."""
 
@@ -70,7 +79,7 @@ def create_server(settings: Settings, pipeline: Pipeline | None = None) -> tuple
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_AnsweringServicer_to_server(AnsweringServicer(pipeline), server)
     pb_grpc.add_KnowledgeServicer_to_server(KnowledgeServicer(pipeline), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

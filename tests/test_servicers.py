@@ -1,0 +1,115 @@
+"""Servicers over a fake pipeline: the error table, health before loading, API keys."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from supportqa.client import AsyncSupportClient, SupportQAError
+from supportqa.v1 import supportqa_pb2 as pb
+from supportqa_server import pipeline as p
+from supportqa_server.app import create_server
+from supportqa_server.errors import Cancelled, NotFound, Overloaded, TooLarge
+from supportqa_server.settings import Settings
+from supportqa_server.store import EntryData
+
+
+class FakePipeline:
+    """Answers from a script: the question text names what to do."""
+
+    def __init__(self) -> None:
+        self.components = []
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        pass
+
+    async def ask(self, req: p.AskRequest):
+        failures = {
+            "overload": Overloaded("the text encoder queue is full"),
+            "late": Cancelled("the deadline passed"),
+            "big": TooLarge("too big"),
+            "missing": NotFound("knowledge base 'x' does not exist"),
+            "bug": KeyError("secret internal detail"),
+        }
+        yield p.Accepted("rid")
+        if req.text in failures:
+            raise failures[req.text]
+        yield p.Answer(1, EntryData(id="e", answer="A", title="T"), 0.9, ("dense",), "t")
+        yield p.Done(p.Timings(total_us=5))
+
+
+@pytest.fixture
+async def fake_server():
+    settings = Settings(port=0, api_keys=["s3cret"])
+    app, port = create_server(settings, FakePipeline())
+    await app.server.start()
+    yield app, f"127.0.0.1:{port}"
+    await app.stop(0)
+
+
+async def test_health_is_not_serving_until_loaded(fake_server):
+    app, target = fake_server
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        before = await stub.Check(health_pb2.HealthCheckRequest())
+        assert before.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await app.load()
+        after = await stub.Check(health_pb2.HealthCheckRequest())
+        assert after.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_missing_or_wrong_api_key_is_unauthenticated(fake_server):
+    _, target = fake_server
+    for key in (None, "wrong"):
+        async with AsyncSupportClient(target, api_key=key) as c:
+            with pytest.raises(SupportQAError) as e:
+                await c.ask("hello")
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "Bearer" in e.value.details
+            with pytest.raises(SupportQAError) as e:
+                async for _ in c.ask_stream("hello"):
+                    pass
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with AsyncSupportClient(target, api_key="s3cret") as c:
+        r = await c.ask("hello")
+        assert r.answers[0].entry_id == "e" and r.request_id == "rid"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("overload", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("late", grpc.StatusCode.DEADLINE_EXCEEDED),
+        ("big", grpc.StatusCode.INVALID_ARGUMENT),
+        ("missing", grpc.StatusCode.NOT_FOUND),
+        ("bug", grpc.StatusCode.INTERNAL),
+    ],
+)
+async def test_error_table(fake_server, text, code):
+    _, target = fake_server
+    async with AsyncSupportClient(target, api_key="s3cret", retries=0) as c:
+        with pytest.raises(SupportQAError) as e:
+            await c.ask(text)
+        assert e.value.code == code
+        if code == grpc.StatusCode.INTERNAL:
+            assert "secret internal detail" not in e.value.details
+        events = []
+        with pytest.raises(SupportQAError) as e:
+            async for ev in c.ask_stream(text):
+                events.append(ev)
+        assert e.value.code == code
+        assert [type(x) for x in events] == [pb.Accepted]
+        r = await c.ask("fine")  # the server keeps serving
+        assert r.answers[0].answer == "A"
+
+
+async def test_retries_only_unavailable():
+    async with AsyncSupportClient("127.0.0.1:1", retries=2, backoff=0.01, timeout=2) as c:
+        with pytest.raises(SupportQAError) as e:
+            await c.stats()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.retriable

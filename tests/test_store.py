@@ -1,0 +1,115 @@
+"""KnowledgeStore on a real Milvus Lite in tmp_path: versions, stale rows, recovery, filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from supportqa_server.errors import NotFound
+from supportqa_server.store import EntryData, KnowledgeStore
+
+DIM = 8
+
+
+def vec(i: int) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[i % DIM] = 1.0
+    return v
+
+
+def vectors(e: EntryData, axis: int) -> np.ndarray:
+    return np.stack([vec(axis) for _ in e.texts()])
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = KnowledgeStore(str(tmp_path / "milvus.db"), DIM)
+    s.open()
+    yield s
+    s.close()
+
+
+def ids(hits):
+    return [h.entry_id for h in hits]
+
+
+def test_texts_are_title_paraphrases_answer_without_duplicates():
+    e = EntryData(id="x", title="Reset PIN", answer="Go to Cards.",
+                  questions=("reset pin", "How do I reset my PIN?", " "))
+    assert e.texts() == [("title", "Reset PIN"), ("question", "How do I reset my PIN?"),
+                         ("answer", "Go to Cards.")]
+
+
+def test_unknown_knowledge_base_is_not_found(store):
+    with pytest.raises(NotFound, match="does not exist"):
+        store.counts("nope")
+
+
+def test_replace_removes_old_rows_and_counts_follow(store):
+    a1 = EntryData(id="a", title="alpha", answer="first", questions=("q1", "q2"))
+    b = EntryData(id="b", title="beta", answer="other")
+    assert store.upsert("kb", [a1, b], [vectors(a1, 0), vectors(b, 1)]) == (0, 6)
+    assert store.counts("kb") == (2, 6)
+    a2 = EntryData(id="a", title="alpha two", answer="second")
+    assert store.upsert("kb", [a2], [vectors(a2, 2)]) == (1, 2)
+    assert store.counts("kb") == (2, 4)
+    (dense, _), = store.search("kb", np.stack([vec(0)]), ["q1"], limit=50)
+    assert "a" not in ids([h for h in dense if h.score > 0.5])  # old vectors pointed at axis 0
+    (dense, _), = store.search("kb", np.stack([vec(2)]), ["alpha"], limit=50)
+    assert dense[0].entry_id == "a" and dense[0].text in ("alpha two", "second")
+    left = store.client.query("sqa_kb_rows", filter='entry_id == "a"', output_fields=["text"])
+    assert sorted(r["text"] for r in left) == ["alpha two", "second"]
+
+
+def test_uncommitted_rows_are_invisible_and_removed_on_reopen(tmp_path):
+    path = str(tmp_path / "milvus.db")
+    s = KnowledgeStore(path, DIM)
+    s.open()
+    a = EntryData(id="a", title="alpha", answer="kept")
+    s.upsert("kb", [a], [vectors(a, 0)])
+    # A writer that died after inserting rows of a new version, before its commit point:
+    s.client.insert("sqa_kb_rows", [{
+        "pk": "a\x1f999\x1f0", "entry_id": "a", "version": 999, "kind": "question",
+        "text": "half written paraphrase", "tags": "", "locale": "", "vector": vec(5).tolist(),
+    }])
+    (dense, lex), = s.search("kb", np.stack([vec(5)]), ["half written paraphrase"], limit=50)
+    assert "half written paraphrase" not in [h.text for h in dense + lex]
+    s.close()
+
+    s2 = KnowledgeStore(path, DIM)
+    s2.open()
+    assert s2.get("kb", "a").answer == "kept"
+    left = s2.client.query("sqa_kb_rows", filter="version == 999", output_fields=["pk"])
+    assert left == []
+    assert s2.counts("kb") == (1, 2)
+    s2.close()
+
+
+def test_filters_by_tag_and_locale(store):
+    card = EntryData(id="card", title="card", answer="c", tags=("cards", "security"),
+                     locale="en-GB")
+    loan = EntryData(id="loan", title="loan", answer="l", tags=("loans",), locale="de-DE")
+    anywhere = EntryData(id="any", title="any", answer="a")
+    store.upsert("kb", [card, loan, anywhere],
+                 [vectors(card, 0), vectors(loan, 0), vectors(anywhere, 0)])
+    q = np.stack([vec(0)])
+    (dense, _), = store.search("kb", q, ["x"], limit=50, tags=("security",))
+    assert set(ids(dense)) == {"card"}
+    (dense, _), = store.search("kb", q, ["x"], limit=50, locale="de-DE")
+    assert set(ids(dense)) == {"loan", "any"}
+
+
+def test_lexical_route_finds_exact_error_code(store):
+    e1 = EntryData(id="e4012", title="Error 4012: Card declined by issuer", answer="call bank")
+    e2 = EntryData(id="e503", title="Error 503: Service temporarily unavailable", answer="wait")
+    store.upsert("kb", [e1, e2], [vectors(e1, 0), vectors(e2, 0)])
+    (_, lex), = store.search("kb", np.stack([vec(0)]), ["what is 4012"], limit=10)
+    assert lex and lex[0].entry_id == "e4012"
+
+
+def test_delete_reports_missing(store):
+    a = EntryData(id="a", answer="x")
+    store.upsert("kb", [a], [vectors(a, 0)])
+    assert store.delete("kb", ["a", "zzz"]) == (1, ["zzz"])
+    assert store.counts("kb") == (0, 0)
+    with pytest.raises(NotFound):
+        store.get("kb", "a")

@@ -16,6 +16,7 @@ died before its commit point are removed the next time the store opens.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -51,6 +52,10 @@ class EntryData:
 
     def texts(self) -> list[tuple[str, str]]:
         """(kind, text) of every searchable text, duplicates removed, in a stable order."""
+        return self._texts
+
+    @functools.cached_property
+    def _texts(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         seen: set[str] = set()
         for kind, text in [("title", self.title)] + [("question", q) for q in self.questions] + [
@@ -372,7 +377,7 @@ class KnowledgeStore:
             )
         expr = " and ".join(filters)
         limit = min(limit, MAX_SEARCH_LIMIT)
-        fields = ["entry_id", "version", "kind", "text"]
+        fields: list[str] = []  # the primary key "id\x1fversion\x1findex" says it all
         c = self.client
         dense = c.search(
             _rows_name(kb), data=[v.tolist() for v in vectors], anns_field="vector",
@@ -393,10 +398,12 @@ class KnowledgeStore:
 
     @staticmethod
     def _live(state: _KB, hits) -> list[RowHit]:
+        """Row hits of committed versions, their texts taken from memory (not sent by Milvus)."""
         out = []
         for h in hits:
-            ent = h["entity"]
-            current = state.committed.get(ent["entry_id"])
-            if current is not None and current[0] == int(ent["version"]):
-                out.append(RowHit(ent["entry_id"], ent["kind"], ent["text"], float(h["distance"])))
+            entry_id, version, index = str(h["id"]).split("\x1f")
+            current = state.committed.get(entry_id)
+            if current is not None and current[0] == int(version):
+                kind, text = current[1].texts()[int(index)]
+                out.append(RowHit(entry_id, kind, text, float(h["distance"])))
         return out

@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     SUPPORTQA_HOST=0.0.0.0 \
     SUPPORTQA_PORT=50051 \
-    SUPPORTQA_DATA_DIR=/data
+    SUPPORTQA_DATA_DIR=/data \
+    SUPPORTQA_CACHE_DIR=/data/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008

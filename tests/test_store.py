@@ -48,10 +48,10 @@ def test_replace_removes_old_rows_and_counts_follow(store):
     a1 = EntryData(id="a", title="alpha", answer="first", questions=("q1", "q2"))
     b = EntryData(id="b", title="beta", answer="other")
     assert store.upsert("kb", [a1, b], [vectors(a1, 0), vectors(b, 1)]) == (0, 6)
-    assert store.counts("kb") == (2, 6)
+    assert store.counts("kb") == (2, 6, 0)
     a2 = EntryData(id="a", title="alpha two", answer="second")
     assert store.upsert("kb", [a2], [vectors(a2, 2)]) == (1, 2)
-    assert store.counts("kb") == (2, 4)
+    assert store.counts("kb") == (2, 4, 0)
     (dense, _), = store.search("kb", np.stack([vec(0)]), ["q1"], limit=50)
     assert "a" not in ids([h for h in dense if h.score > 0.5])  # old vectors pointed at axis 0
     (dense, _), = store.search("kb", np.stack([vec(2)]), ["alpha"], limit=50)
@@ -80,7 +80,7 @@ def test_uncommitted_rows_are_invisible_and_removed_on_reopen(tmp_path):
     assert s2.get("kb", "a").answer == "kept"
     left = s2.client.query("sqa_kb_rows", filter="version == 999", output_fields=["pk"])
     assert left == []
-    assert s2.counts("kb") == (1, 2)
+    assert s2.counts("kb") == (1, 2, 0)
     s2.close()
 
 
@@ -110,6 +110,23 @@ def test_delete_reports_missing(store):
     a = EntryData(id="a", answer="x")
     store.upsert("kb", [a], [vectors(a, 0)])
     assert store.delete("kb", ["a", "zzz"]) == (1, ["zzz"])
-    assert store.counts("kb") == (0, 0)
+    assert store.counts("kb") == (0, 0, 0)
     with pytest.raises(NotFound):
         store.get("kb", "a")
+
+
+def test_image_rows_follow_versions(tmp_path):
+    s = KnowledgeStore(str(tmp_path / "milvus.db"), DIM, image_dim=4)
+    s.open()
+    e1 = EntryData(id="a", title="dialog", answer="x", image_count=1, see_rows=3)
+    see = np.eye(4, dtype=np.float32)[:3]  # image -> axis 0, texts -> axes 1, 2
+    s.upsert("kb", [e1], [vectors(e1, 0)], [see])
+    assert s.counts("kb") == (1, 2, 3)
+    (hits,) = s.search_images("kb", np.eye(4, dtype=np.float32)[:1], limit=10)
+    assert hits[0].entry_id == "a" and hits[0].kind == "image" and hits[0].score > 0.99
+    e2 = EntryData(id="a", title="dialog", answer="x", image_count=0, see_rows=2)
+    s.upsert("kb", [e2], [vectors(e2, 0)], [np.eye(4, dtype=np.float32)[2:4]])
+    (hits,) = s.search_images("kb", np.eye(4, dtype=np.float32)[:1], limit=10)
+    assert all(h.kind != "image" for h in hits)  # the old picture no longer matches
+    assert s.counts("kb") == (1, 2, 2)
+    s.close()

@@ -22,8 +22,8 @@ Question = supportqa_pb2.Question
 
 MODES = ("unary", "stream")
 
-# Metadata key the server reads the API key from.
-API_KEY_METADATA = "x-api-key"
+# The API key travels as "authorization: Bearer <key>", as supportqa.client sends it.
+API_KEY_METADATA = "authorization"
 
 AUDIO_FORMATS = {
     ".wav": supportqa_pb2.AUDIO_FORMAT_WAV,
@@ -165,13 +165,14 @@ def format_report(report: dict) -> str:
         The table, lines joined by newlines, no trailing newline.
     """
     channels = report.get("channels", 1)
+    n_errors = sum(report["errors"].values())
     lines = [
         f"target       {report.get('target') or '-'}",
         f"mode         {report['mode']}",
         f"concurrency  {report['concurrency']} ({channels} channel{'' if channels == 1 else 's'})",
         (
             f"requests     {report['requests']} ({report.get('ok', 0)} ok, "
-            f"{sum(report['errors'].values())} errors; warmup {report.get('warmup', 0)} not counted)"
+            f"{n_errors} errors; warmup {report.get('warmup', 0)} not counted)"
         ),
         f"duration     {report['duration_s']:.2f} s",
         f"rps          {report['rps']:.1f}",
@@ -443,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--knowledge-base", default="default", help="knowledge base to ask")
     parser.add_argument("--top-k", type=int, default=5, help="answers per question")
-    parser.add_argument("--api-key", help=f"sent as metadata {API_KEY_METADATA!r}")
+    parser.add_argument("--api-key", help="sent as metadata 'authorization: Bearer KEY'")
     parser.add_argument("--json-out", metavar="FILE", help="also write the report as JSON")
     return parser
 
@@ -472,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"supportqa-bench: error: {e}", file=sys.stderr)
         return 2
-    metadata = [(API_KEY_METADATA, args.api_key)] if args.api_key else None
+    metadata = [(API_KEY_METADATA, f"Bearer {args.api_key}")] if args.api_key else None
     try:
         report = asyncio.run(
             run_load(

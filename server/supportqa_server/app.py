@@ -97,9 +97,10 @@ async def ingest_file(pipeline: Pipeline, path: Path) -> pb.UpsertSummary:
 
     summary = pb.UpsertSummary()
     batch: dict[str, list] = {}
+    images: dict[str, list] = {}
 
     async def flush(kb: str) -> None:
-        res = await pipeline.upsert(kb, batch.pop(kb))
+        res = await pipeline.upsert(kb, batch.pop(kb), images.pop(kb))
         summary.written += res.written
         summary.replaced += res.replaced
         summary.rows += res.rows
@@ -109,6 +110,7 @@ async def ingest_file(pipeline: Pipeline, path: Path) -> pb.UpsertSummary:
         kb, entry = conv.entry_data(msg)
         pipeline.validate_entry(i, entry, kb)
         batch.setdefault(kb, []).append(entry)
+        images.setdefault(kb, []).append(conv.entry_images(msg))
         if len(batch[kb]) >= 256:
             await flush(kb)
     for kb in list(batch):

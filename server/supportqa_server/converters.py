@@ -118,6 +118,26 @@ def entry_data(e: pb.Entry) -> tuple[str, EntryData]:
     )
 
 
+def entry_images(e: pb.Entry) -> list[p.ImageInput]:
+    return [p.ImageInput(bytes(i.data), i.mime_type) for i in e.images]
+
+
+def converse_message(m: pb.ConverseRequest) -> p.ConverseMessage:
+    kind = m.WhichOneof("request")
+    if kind == "config":
+        c = m.config
+        return p.ConverseStart(
+            request=ask_request(c.question, None),
+            format=AUDIO_FORMATS.get(c.format, "?") or "pcm16",
+            sample_rate_hz=c.sample_rate_hz,
+            channels=c.channels,
+            end_silence_ms=c.end_silence_ms,
+        )
+    if kind == "audio_chunk":
+        return bytes(m.audio_chunk)
+    return p.EndOfUtterance()
+
+
 def entry_message(kb: str, e: EntryData) -> pb.Entry:
     out = pb.Entry(
         knowledge_base=kb, id=e.id, title=e.title, answer=e.answer, questions=list(e.questions),

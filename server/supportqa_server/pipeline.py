@@ -9,15 +9,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .batching import MicroBatcher
 from .errors import InvalidInput, NotAvailable, NotReady, TooLarge
-from .rank import RankOptions, RankedEntry, rank
+from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
-from .store import EntryData, KnowledgeStore, RowHit
+from .store import EntryData, KnowledgeStore
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,33 @@ class _SearchItem:
     tags: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ConverseStart:
+    """First message of a Converse stream: where to answer and how the audio comes."""
+
+    request: AskRequest  # knowledge_base, top_k, min_score, locale, tags, language
+    format: str = "pcm16"
+    sample_rate_hz: int = 16000
+    channels: int = 1
+    end_silence_ms: int = 0  # 0: wait for EndOfUtterance or the end of the stream
+
+
+@dataclass(frozen=True)
+class EndOfUtterance:
+    """The caller has finished speaking."""
+
+
+ConverseMessage = ConverseStart | bytes | EndOfUtterance
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One text to search, and the routes that produced it."""
+
+    text: str
+    routes: tuple[str, ...] = ()
+
+
 @dataclass
 class UpsertResult:
     written: int = 0
@@ -145,6 +172,15 @@ def _us(t0: float) -> int:
     return int((time.perf_counter() - t0) * 1e6)
 
 
+def _split(rows: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    """Consecutive slices of rows, counts[i] rows each."""
+    out, start = [], 0
+    for n in counts:
+        out.append(rows[start : start + n])
+        start += n
+    return out
+
+
 @dataclass
 class Pipeline:
     """Owns the models, their batchers and the store; every public method is async."""
@@ -156,15 +192,21 @@ class Pipeline:
         self.ready = False
         self.store: KnowledgeStore | None = None
         self.encoder = None
+        self.speech = None  # SpeechRecognizer when voice is on
+        self.reader = None  # TextReader when OCR is on
+        self.image_encoder = None  # ImageEncoder when CLIP is configured
         self.device = "cpu"
         self.components: list[Component] = []
         # One thread per model: its batcher runs one batch at a time there, so no locks.
         self._text_exec = ThreadPoolExecutor(1, thread_name_prefix="text-encoder")
+        self._speech_exec = ThreadPoolExecutor(1, thread_name_prefix="speech")
+        self._ocr_exec = ThreadPoolExecutor(1, thread_name_prefix="ocr")
+        self._clip_exec = ThreadPoolExecutor(1, thread_name_prefix="clip")
+        self._decode_exec = ThreadPoolExecutor(2, thread_name_prefix="decode")
         self._store_exec = ThreadPoolExecutor(
             self.settings.store_threads, thread_name_prefix="store"
         )
-        self._text_batcher: MicroBatcher[str, np.ndarray] | None = None
-        self._search_batcher: MicroBatcher[_SearchItem, tuple] | None = None
+        self._batchers: dict[str, MicroBatcher] = {}
 
     # Start-up and shutdown
 
@@ -181,44 +223,94 @@ class Pipeline:
         log.info("text encoder %s on %s in %.1f s", self.encoder.model_name, self.device,
                  time.perf_counter() - t0)
         self.components.append(Component("text_encoder", self.encoder.model_name, self.device))
+        self._load_speech()
+        self._load_ocr()
+        self._load_clip()
         uri = s.milvus_uri
         if not uri:
             s.data_dir.mkdir(parents=True, exist_ok=True)
             uri = str((s.data_dir / "milvus.db").resolve())
         self.store = KnowledgeStore(
-            uri, self.encoder.dim, token=s.milvus_token, db_name=s.milvus_db, lexical=s.lexical
+            uri, self.encoder.dim, token=s.milvus_token, db_name=s.milvus_db, lexical=s.lexical,
+            image_dim=self.image_encoder.dim if self.image_encoder else 0,
         )
         self.store.open()
-        self.components.append(Component("store", uri if not s.milvus_token else uri, ""))
-        for name in ("speech", "ocr", "image_encoder"):
-            self.components.append(
-                Component(name, enabled=False, detail="not available in this version")
-            )
+        self.components.append(Component("store", uri, "", detail="milvus"))
+
+    def _load_speech(self) -> None:
+        s = self.settings
+        if not s.speech_model:
+            self.components.append(Component(
+                "speech", enabled=False, detail="off: set SUPPORTQA_SPEECH_MODEL to tiny.en or base"
+            ))
+            return
+        from .transcribe import SpeechRecognizer
+
+        t0 = time.perf_counter()
+        self.speech = SpeechRecognizer(
+            s.speech_model, self.device, cache_dir=s.cache_dir, trim_audio=s.speech_trim
+        )
+        log.info("speech %s in %.1f s", s.speech_model, time.perf_counter() - t0)
+        self.components.append(Component("speech", s.speech_model, self.device))
+
+    def _load_ocr(self) -> None:
+        if not self.settings.ocr:
+            self.components.append(Component("ocr", enabled=False, detail="off: SUPPORTQA_OCR"))
+            return
+        from .ocr import TextReader
+
+        self.reader = TextReader()
+        self.components.append(Component("ocr", "rapidocr PP-OCR (bundled)", "cpu"))
+
+    def _load_clip(self) -> None:
+        s = self.settings
+        if not s.clip_model:
+            self.components.append(Component(
+                "image_encoder", enabled=False,
+                detail="off: the See route needs SUPPORTQA_CLIP_MODEL (a CLIP path or hub id)",
+            ))
+            return
+        from .clip import ImageEncoder
+
+        self.image_encoder = ImageEncoder(s.clip_model, self.device)
+        self.components.append(Component(
+            "image_encoder", self.image_encoder.model_name, self.device,
+            detail=f"{self.image_encoder.dim}-d",
+        ))
 
     async def start(self) -> None:
         """Loads everything off the event loop, then starts the batchers."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._text_exec, self.load)
         s = self.settings
-        self._text_batcher = MicroBatcher(
-            self._encode_batch, executor=self._text_exec, max_batch=s.max_batch,
-            max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, name="text encoder",
-        )
-        self._search_batcher = MicroBatcher(
-            self._search_batch, executor=self._store_exec, max_batch=s.max_batch,
-            max_wait_ms=0.0, max_queue=s.max_queue, name="search",
-        )
+
+        def batcher(name: str, fn, executor, max_batch: int, max_wait_ms: float) -> None:
+            self._batchers[name] = MicroBatcher(
+                fn, executor=executor, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                max_queue=s.max_queue, name=name,
+            )
+
+        batcher("text encoder", self._encode_batch, self._text_exec, s.max_batch, s.max_wait_ms)
+        batcher("search", self._search_batch, self._store_exec, s.max_batch, 0.0)
+        if self.speech is not None:
+            batcher("speech", self._transcribe_batch, self._speech_exec,
+                    s.speech_max_batch, s.max_wait_ms)
+        if self.reader is not None:
+            batcher("ocr", self._read_batch, self._ocr_exec, s.ocr_max_batch, 0.0)
+        if self.image_encoder is not None:
+            batcher("image encoder", self._embed_image_batch, self._clip_exec, s.max_batch,
+                    s.max_wait_ms)
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
-        for b in (self._text_batcher, self._search_batcher):
-            if b is not None:
-                await b.close()
+        for b in self._batchers.values():
+            await b.close()
         if self.store is not None:
             self.store.close()
-        self._text_exec.shutdown(wait=False)
-        self._store_exec.shutdown(wait=False)
+        for ex in (self._text_exec, self._speech_exec, self._ocr_exec, self._clip_exec,
+                   self._decode_exec, self._store_exec):
+            ex.shutdown(wait=False)
 
     def _require_ready(self) -> KnowledgeStore:
         if not self.ready or self.store is None:
@@ -230,6 +322,29 @@ class Pipeline:
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         assert self.encoder is not None
         return list(self.encoder.encode(texts))
+
+    def _transcribe_batch(self, items: list[tuple[np.ndarray, str]]) -> list:
+        assert self.speech is not None
+        out: list = [None] * len(items)
+        by_language: dict[str, list[int]] = {}
+        for i, (_, language) in enumerate(items):
+            by_language.setdefault(language, []).append(i)
+        for language, idx in by_language.items():
+            try:
+                found = self.speech.transcribe_batch([items[i][0] for i in idx], language or None)
+            except Exception as e:  # noqa: BLE001 - one language group's failure is its own
+                found = [e] * len(idx)
+            for i, r in zip(idx, found, strict=True):
+                out[i] = r
+        return out
+
+    def _read_batch(self, images: list) -> list:
+        assert self.reader is not None
+        return self.reader.read_batch(images)
+
+    def _embed_image_batch(self, images: list) -> list[np.ndarray]:
+        assert self.image_encoder is not None
+        return list(self.image_encoder.embed_images(images))
 
     def _search_batch(self, items: list[_SearchItem]) -> list[tuple]:
         assert self.store is not None
@@ -249,9 +364,15 @@ class Pipeline:
                 out[i] = r
         return out
 
+    async def _submit(self, name: str, item, timeout: float | None):
+        result = await self._batchers[name].submit(item, timeout=timeout)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     # Validation
 
-    def check(self, req: AskRequest) -> AskRequest:
+    def check(self, req: AskRequest, *, audio_expected: bool = False) -> AskRequest:
         """Validates a question; raises InvalidInput/TooLarge/NotFound with what to fix."""
         store = self._require_ready()
         if not _KB_RE.match(req.knowledge_base):
@@ -259,7 +380,7 @@ class Pipeline:
                 f"knowledge base name {req.knowledge_base!r} is invalid: use 1-64 of A-Z a-z 0-9 _"
             )
         text = req.text.strip()
-        if not text and req.audio is None and req.image is None:
+        if not text and req.audio is None and req.image is None and not audio_expected:
             raise InvalidInput("the question is empty: set text, audio or image")
         if len(req.text) > self.settings.max_text_chars:
             raise TooLarge(
@@ -270,10 +391,16 @@ class Pipeline:
             raise InvalidInput(f"top_k is {req.top_k}; it must be between 1 and {MAX_TOP_K}")
         if req.min_score is not None and not 0.0 <= req.min_score <= 1.0:
             raise InvalidInput(f"min_score is {req.min_score}; it must be within [0, 1]")
-        if req.audio is not None:
-            raise NotAvailable("voice questions are not supported by this server yet")
-        if req.image is not None:
-            raise NotAvailable("image questions are not supported by this server yet")
+        if (req.audio is not None or audio_expected) and self.speech is None:
+            raise NotAvailable(
+                "voice questions are off on this server: it runs with no speech model "
+                "(SUPPORTQA_SPEECH_MODEL)"
+            )
+        if req.image is not None and self.reader is None and self.image_encoder is None:
+            raise NotAvailable(
+                "image questions are off on this server: enable OCR (SUPPORTQA_OCR) or "
+                "configure CLIP (SUPPORTQA_CLIP_MODEL)"
+            )
         if not store.has(req.knowledge_base):
             store.counts(req.knowledge_base)  # raises NotFound naming the existing ones
         return req
@@ -286,36 +413,123 @@ class Pipeline:
         req = self.check(req)
         timings = Timings()
         yield Accepted(uuid.uuid4().hex)
-        text = req.text.strip()
+        clip = None
+        if req.audio is not None:
+            clip = await self._decode_audio(req.audio, timings)
+        async for ev in self._answer(req, clip, timings, t_start):
+            yield ev
+
+    async def _decode_audio(self, audio: AudioInput, timings: Timings) -> np.ndarray:
+        from .audio import decode_audio
+
         t0 = time.perf_counter()
-        assert self._text_batcher is not None and self._search_batcher is not None
-        vector = await self._text_batcher.submit(text, timeout=req.timeout)
-        timings.embed_us = _us(t0)
-        t0 = time.perf_counter()
-        limit = max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER)
-        found = await self._search_batcher.submit(
-            _SearchItem(req.knowledge_base, vector, text, limit, req.locale, req.tags),
-            timeout=req.timeout,
+        clip = await asyncio.get_running_loop().run_in_executor(
+            self._decode_exec,
+            lambda: decode_audio(audio.data, audio.format, audio.sample_rate_hz, audio.channels,
+                                 max_seconds=self.settings.max_audio_seconds),
         )
-        if isinstance(found, Exception):
-            raise found
-        dense, lexical = found
-        timings.search_us = _us(t0)
-        t0 = time.perf_counter()
-        ranked = self._rank(dense, lexical)
+        timings.decode_us += _us(t0)
+        return clip
+
+    async def _answer(
+        self, req: AskRequest, clip: np.ndarray | None, timings: Timings, t_start: float
+    ) -> AsyncIterator[Event]:
+        """Everything after acceptance: transcribe / read / see, search, rank, answer."""
+        queries: list[_Query] = []
+        see_vector = None
+        if clip is not None:
+            t0 = time.perf_counter()
+            heard = await self._submit("speech", (clip, req.language), req.timeout)
+            timings.transcribe_us += _us(t0)
+            yield Transcript(heard.text, heard.language, True)
+            if heard.text.strip():
+                queries.append(_Query(heard.text.strip()))
+        if req.image is not None:
+            from .images import load_image
+
+            t0 = time.perf_counter()
+            s = self.settings
+            image = await asyncio.get_running_loop().run_in_executor(
+                self._decode_exec,
+                lambda: load_image(req.image.data, req.image.mime_type,
+                                   max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels),
+            )
+            timings.decode_us += _us(t0)
+            if self.reader is not None:
+                from .ocr import joined_text
+
+                t0 = time.perf_counter()
+                lines = await self._submit("ocr", image, req.timeout)
+                timings.read_us += _us(t0)
+                yield ImageText(tuple((ln.text, float(ln.confidence)) for ln in lines))
+                read = joined_text(lines)
+                if read.strip():
+                    queries.append(_Query(read[: s.max_text_chars], (READ,)))
+            if self.image_encoder is not None:
+                t0 = time.perf_counter()
+                see_vector = await self._submit("image encoder", image, req.timeout)
+                timings.embed_us += _us(t0)
+        if req.text.strip():
+            queries.append(_Query(req.text.strip()))
         threshold = (
             req.min_score if req.min_score is not None
             else self.settings.threshold_for(req.knowledge_base)
         )
+        if not queries and see_vector is None:
+            what = "speech in the audio" if clip is not None else "readable text in the image"
+            yield NoAnswer(f"no confident answer: found no {what}", 0.0, threshold)
+            timings.total_us = _us(t_start)
+            yield Done(timings)
+            return
+        lists = await asyncio.gather(*(self._ranked(req, q, timings) for q in queries))
+        if see_vector is not None:
+            lists.append(await self._ranked_see(req, see_vector, timings))
+        t0 = time.perf_counter()
+        ranked = lists[0] if len(lists) == 1 else fuse_lists(
+            [(1.0, r) for r in lists], self.rank_options.rrf_k
+        )
         events = self._answers(req, ranked, threshold)
-        timings.rank_us = _us(t0)
+        timings.rank_us += _us(t0)
         for ev in events:
             yield ev
         timings.total_us = _us(t_start)
         yield Done(timings)
 
-    def _rank(self, dense: Sequence[RowHit], lexical: Sequence[RowHit]) -> list[RankedEntry]:
-        return rank(dense, lexical, self.rank_options)
+    async def _ranked(self, req: AskRequest, q: _Query, timings: Timings) -> list[RankedEntry]:
+        t0 = time.perf_counter()
+        vector = await self._submit("text encoder", q.text, req.timeout)
+        timings.embed_us += _us(t0)
+        t0 = time.perf_counter()
+        limit = max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER)
+        dense, lexical = await self._submit(
+            "search",
+            _SearchItem(req.knowledge_base, vector, q.text, limit, req.locale, req.tags),
+            req.timeout,
+        )
+        timings.search_us += _us(t0)
+        t0 = time.perf_counter()
+        ranked = rank(dense, lexical, self.rank_options, extra_routes=q.routes)
+        timings.rank_us += _us(t0)
+        return ranked
+
+    async def _ranked_see(
+        self, req: AskRequest, vector: np.ndarray, timings: Timings
+    ) -> list[RankedEntry]:
+        assert self.store is not None
+        t0 = time.perf_counter()
+        (hits,) = await asyncio.get_running_loop().run_in_executor(
+            self._store_exec,
+            lambda: self.store.search_images(req.knowledge_base, vector[None, :], limit=MIN_ROWS),
+        )
+        timings.search_us += _us(t0)
+        best: dict[str, RankedEntry] = {}
+        for h in hits:
+            if h.entry_id not in best:
+                # CLIP cosines of matching pairs sit near 0.3; map them onto [0, 1] so the
+                # threshold means the same across routes (see docs/evaluation.md).
+                score = max(0.0, min(1.0, h.score))
+                best[h.entry_id] = RankedEntry(h.entry_id, score, score, {SEE}, h.text)
+        return sorted(best.values(), key=lambda r: -r.fused)
 
     def _answers(
         self, req: AskRequest, ranked: list[RankedEntry], threshold: float
@@ -342,6 +556,86 @@ class Pipeline:
             out.append(NoAnswer(reason, best, threshold))
         return out
 
+    # Streaming speech
+
+    async def converse(
+        self, messages: AsyncIterator[ConverseMessage], timeout: float | None
+    ) -> AsyncIterator[Event]:
+        """Answers a question spoken as a stream of audio chunks (see the Converse rpc)."""
+        from .audio import decode_audio, speech_end
+
+        t_start = time.perf_counter()
+        first = await anext(messages, None)
+        if not isinstance(first, ConverseStart):
+            raise InvalidInput("the first Converse message must be a ConverseConfig")
+        if first.request.text or first.request.audio or first.request.image:
+            raise InvalidInput("ConverseConfig.question must not carry text, audio or image")
+        if first.format == "pcm16" and not 8000 <= first.sample_rate_hz <= 48000:
+            raise InvalidInput(
+                f"ConverseConfig.sample_rate_hz is {first.sample_rate_hz}; PCM16 chunks need "
+                "8000..48000"
+            )
+        req = replace(self.check(first.request, audio_expected=True), timeout=timeout)
+        s = self.settings
+        pcm = first.format == "pcm16"
+        channels = first.channels or 1
+        # Bytes of PCM16 per second of audio and the most a question may send.
+        bytes_per_s = 2 * channels * first.sample_rate_hz if pcm else 0
+        max_bytes = int(bytes_per_s * s.max_audio_seconds) if pcm else s.max_message_bytes
+        timings = Timings()
+        yield Accepted(uuid.uuid4().hex)
+        buf = bytearray()
+        partial: asyncio.Task | None = None
+        partial_at = 0  # buffer length at the last partial transcript, bytes
+
+        def decode_now() -> np.ndarray:
+            usable = len(buf) - len(buf) % (2 * channels) if pcm else len(buf)
+            return decode_audio(bytes(buf[:usable]), first.format, first.sample_rate_hz,
+                                channels, max_seconds=s.max_audio_seconds)
+
+        async for msg in messages:
+            if isinstance(msg, EndOfUtterance):
+                break
+            if isinstance(msg, ConverseStart):
+                raise InvalidInput("ConverseConfig may only be the first message")
+            buf += msg
+            if len(buf) > max_bytes:
+                raise TooLarge(
+                    f"the utterance is longer than {s.max_audio_seconds:g} s; end it with "
+                    "EndOfUtterance or use end_silence_ms"
+                )
+            if partial is not None and partial.done():
+                heard = partial.result()
+                partial = None
+                if heard is not None and heard.text:
+                    yield Transcript(heard.text, heard.language, False)
+            if not pcm:
+                continue
+            samples = None
+            if first.end_silence_ms:
+                samples = decode_now()
+                if speech_end(samples, silence_ms=first.end_silence_ms):
+                    break
+            if partial is None and len(buf) - partial_at >= bytes_per_s * s.partial_seconds:
+                partial_at = len(buf)
+                partial = asyncio.create_task(self._partial(
+                    samples if samples is not None else decode_now(), req))
+        if partial is not None:
+            partial.cancel()
+        if not buf:
+            raise InvalidInput("the utterance holds no audio: send audio_chunk messages")
+        t0 = time.perf_counter()
+        clip = await asyncio.get_running_loop().run_in_executor(self._decode_exec, decode_now)
+        timings.decode_us += _us(t0)
+        async for ev in self._answer(req, clip, timings, t_start):
+            yield ev
+
+    async def _partial(self, samples: np.ndarray, req: AskRequest):
+        try:
+            return await self._submit("speech", (samples, req.language), req.timeout)
+        except Exception:  # noqa: BLE001 - a partial transcript is best effort
+            return None
+
     # Knowledge
 
     def validate_entry(self, index: int, e: EntryData, knowledge_base: str) -> None:
@@ -363,22 +657,67 @@ class Pipeline:
                 f"{where} has {len(e.questions)} paraphrases; the limit is {MAX_QUESTIONS}"
             )
 
-    async def upsert(self, knowledge_base: str, entries: Sequence[EntryData]) -> UpsertResult:
-        """Embeds and writes validated entries of one knowledge base."""
+    async def upsert(
+        self,
+        knowledge_base: str,
+        entries: Sequence[EntryData],
+        images: Sequence[Sequence[ImageInput]] | None = None,
+    ) -> UpsertResult:
+        """Embeds and writes validated entries of one knowledge base.
+
+        images[i] are the pictures of entries[i]; with CLIP configured they and the entry's
+        texts are embedded into the See route's space, otherwise they are only counted.
+        """
         store = self._require_ready()
         loop = asyncio.get_running_loop()
         texts = [[t for _, t in e.texts()] for e in entries]
         flat = [t for ts in texts for t in ts]
         assert self.encoder is not None
         vecs = await loop.run_in_executor(self._text_exec, self.encoder.encode_sorted, flat)
-        per_entry, start = [], 0
-        for ts in texts:
-            per_entry.append(vecs[start : start + len(ts)])
-            start += len(ts)
+        per_entry = _split(vecs, [len(ts) for ts in texts])
+        see = None
+        if self.image_encoder is not None:
+            entries, see = await self._see_vectors(entries, texts, images)
         replaced, rows = await loop.run_in_executor(
-            self._store_exec, store.upsert, knowledge_base, entries, per_entry
+            self._store_exec, store.upsert, knowledge_base, entries, per_entry, see
         )
         return UpsertResult(len(entries), replaced, rows)
+
+    async def _see_vectors(
+        self, entries: Sequence[EntryData], texts: list[list[str]],
+        images: Sequence[Sequence[ImageInput]] | None,
+    ) -> tuple[list[EntryData], list[np.ndarray]]:
+        """CLIP vectors per entry (its images, then its texts) and entries with see_rows set."""
+        from .images import load_image
+
+        assert self.image_encoder is not None
+        enc = self.image_encoder
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        pictures = []
+        for i, e in enumerate(entries):
+            for j, img in enumerate((images or [[]] * len(entries))[i]):
+                try:
+                    pictures.append(await loop.run_in_executor(
+                        self._decode_exec,
+                        lambda img=img: load_image(img.data, img.mime_type,
+                                                   max_bytes=s.max_image_bytes,
+                                                   max_pixels=s.max_image_pixels),
+                    ))
+                except (InvalidInput, TooLarge) as err:
+                    raise type(err)(f"entry {e.id!r}, image {j + 1}: {err}") from err
+        counts = [len((images or [[]] * len(entries))[i]) for i in range(len(entries))]
+        flat_texts = [t for ts in texts for t in ts]
+        img_vecs = (await loop.run_in_executor(self._clip_exec, enc.embed_images, pictures)
+                    if pictures else np.zeros((0, enc.dim), np.float32))
+        txt_vecs = await loop.run_in_executor(self._clip_exec, enc.embed_texts, flat_texts)
+        img_split = _split(img_vecs, counts)
+        txt_split = _split(txt_vecs, [len(ts) for ts in texts])
+        out_entries, out_vecs = [], []
+        for e, iv, tv in zip(entries, img_split, txt_split, strict=True):
+            out_entries.append(replace(e, image_count=len(iv), see_rows=len(iv) + len(tv)))
+            out_vecs.append(np.concatenate([iv, tv]) if len(iv) else tv)
+        return out_entries, out_vecs
 
     async def delete(self, knowledge_base: str, ids: Sequence[str]) -> tuple[int, list[str]]:
         store = self._require_ready()
@@ -389,12 +728,8 @@ class Pipeline:
     def get(self, knowledge_base: str, entry_id: str) -> EntryData:
         return self._require_ready().get(knowledge_base, entry_id)
 
-    def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, float]]:
-        """(name, entries, rows, threshold) per knowledge base."""
+    def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, int, float]]:
+        """(name, entries, rows, image rows, threshold) per knowledge base."""
         store = self._require_ready()
         names = [knowledge_base] if knowledge_base else store.knowledge_bases()
-        out = []
-        for n in names:
-            entries, rows = store.counts(n)
-            out.append((n, entries, rows, self.settings.threshold_for(n)))
-        return out
+        return [(n, *store.counts(n), self.settings.threshold_for(n)) for n in names]

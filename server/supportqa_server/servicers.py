@@ -22,7 +22,7 @@ from .errors import (
     TooLarge,
     Unauthenticated,
 )
-from .pipeline import Pipeline
+from .pipeline import ImageInput, Pipeline
 from .store import EntryData
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,8 @@ class AnsweringServicer(pb_grpc.AnsweringServicer):
 
     @stream_errors
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.AnswerEvent]:
-        converse = getattr(self.pipeline, "converse", None)
-        if converse is None:
-            raise NotAvailable("voice conversations are not supported by this server yet")
-        async for ev in converse(request_iterator, _timeout(context)):
+        messages = (conv.converse_message(m) async for m in request_iterator)
+        async for ev in self.pipeline.converse(messages, _timeout(context)):
             yield conv.event(ev)
 
 
@@ -115,16 +113,17 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
     async def Upsert(self, request_iterator, context) -> pb.UpsertSummary:
         summary = pb.UpsertSummary()
         batch: list[EntryData] = []
+        images: list[list[ImageInput]] = []
         batch_kb = ""
 
         async def flush() -> None:
-            nonlocal batch
+            nonlocal batch, images
             if batch:
-                res = await self.pipeline.upsert(batch_kb, batch)
+                res = await self.pipeline.upsert(batch_kb, batch, images)
                 summary.written += res.written
                 summary.replaced += res.replaced
                 summary.rows += res.rows
-                batch = []
+                batch, images = [], []
 
         index, current_id = -1, ""
         try:
@@ -140,6 +139,7 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
                 if any(e.id == entry.id for e in batch):
                     await flush()  # the later version of a repeated id wins
                 batch.append(entry)
+                images.append(conv.entry_images(msg))
             await flush()
             return summary
         except grpc.aio.AbortError:
@@ -173,10 +173,12 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
     @unary_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsReply:
         out = pb.StatsReply()
-        for name, entries, rows, threshold in self.pipeline.stats(request.knowledge_base):
-            out.knowledge_bases.append(
-                pb.KnowledgeBaseStats(name=name, entries=entries, rows=rows, threshold=threshold)
-            )
+        for name, entries, rows, image_rows, threshold in self.pipeline.stats(
+            request.knowledge_base
+        ):
+            out.knowledge_bases.append(pb.KnowledgeBaseStats(
+                name=name, entries=entries, rows=rows, image_rows=image_rows, threshold=threshold
+            ))
         for c in self.pipeline.components:
             out.components.append(
                 pb.Component(name=c.name, model=c.model, device=c.device, enabled=c.enabled,

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     grace_seconds: float = 5.0  # in-flight calls get this long on SIGTERM
 
     # Store
-    data_dir: Path = Path("data")  # Milvus Lite file and model caches live here
+    data_dir: Path = Path("data")  # the Milvus Lite file lives here
+    cache_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportqa"
+    # ^ converted Whisper checkpoints, shared by every data dir
     milvus_uri: str = ""  # empty: Milvus Lite at data_dir/milvus.db; else http://host:19530
     milvus_token: str = ""  # "user:password" or an API key for standalone/cluster/Zilliz
     milvus_db: str = ""  # database name on a standalone/cluster server; empty: default
@@ -38,6 +40,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     text_model: str = ""  # HF path or id; empty: bundled all-MiniLM-L6-v2
     speech_model: str = "tiny.en"  # tiny.en | base | any openai-whisper name or .pt path; "" off
+    speech_trim: bool = True  # encode only the speech sent, not 30 s of padding
     clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off
     ocr: bool = True  # read text from images with rapidocr
     preload: bool = True  # load every configured model before reporting SERVING
@@ -57,6 +60,9 @@ class Settings(BaseSettings):
     max_batch: int = 64  # questions per encoder call; 1 turns batching off
     max_wait_ms: float = 2.0  # how long a batch waits to fill once its first item arrives
     max_queue: int = 512  # queued items per model; beyond it RESOURCE_EXHAUSTED
+    speech_max_batch: int = 8  # clips per Whisper call
+    ocr_max_batch: int = 4  # images per OCR call
+    partial_seconds: float = 2.0  # Converse: a partial transcript per this much new audio
     torch_threads: int = 0  # intra-op threads; 0: all cores
     store_threads: int = 4  # threads for Milvus calls
 
@@ -85,7 +91,3 @@ class Settings(BaseSettings):
         """Confidence threshold of one knowledge base."""
         return self.thresholds.get(knowledge_base, self.threshold)
 
-    @property
-    def cache_dir(self) -> Path:
-        """Where converted model checkpoints are kept."""
-        return self.data_dir / "cache"

@@ -49,6 +49,7 @@ class EntryData:
     url: str = ""
     updated_at: float = 0.0  # seconds since the epoch; 0 when the caller gave none
     image_count: int = 0
+    see_rows: int = 0  # rows in the CLIP space: its images, then its texts (0 when CLIP is off)
 
     def texts(self) -> list[tuple[str, str]]:
         """(kind, text) of every searchable text, duplicates removed, in a stable order."""
@@ -98,6 +99,10 @@ class _KB:
     def rows(self) -> int:
         return sum(len(e.texts()) for _, e in self.committed.values())
 
+    @property
+    def image_rows(self) -> int:
+        return sum(e.see_rows for _, e in self.committed.values())
+
 
 def _rows_name(kb: str) -> str:
     return f"sqa_{kb}_rows"
@@ -105,6 +110,10 @@ def _rows_name(kb: str) -> str:
 
 def _entries_name(kb: str) -> str:
     return f"sqa_{kb}_entries"
+
+
+def _images_name(kb: str) -> str:
+    return f"sqa_{kb}_images"
 
 
 def _quote(s: str) -> str:
@@ -124,14 +133,17 @@ class KnowledgeStore:
         token: Credentials for a standalone/cluster server.
         db_name: Database on a standalone/cluster server.
         lexical: Keep a BM25 index beside the dense one.
+        image_dim: Dimension of the CLIP space; 0 keeps no image rows.
     """
 
     def __init__(
-        self, uri: str, dim: int, *, token: str = "", db_name: str = "", lexical: bool = True
+        self, uri: str, dim: int, *, token: str = "", db_name: str = "", lexical: bool = True,
+        image_dim: int = 0,
     ) -> None:
         self.uri = uri
         self.dim = dim
         self.lexical = lexical
+        self.image_dim = image_dim
         self._token = token
         self._db_name = db_name
         self._kbs: dict[str, _KB] = {}
@@ -171,6 +183,10 @@ class KnowledgeStore:
         c = self.client
         c.load_collection(_entries_name(kb))
         c.load_collection(_rows_name(kb))
+        if self.image_dim:
+            if not c.has_collection(_images_name(kb)):
+                self._create_images(kb)
+            c.load_collection(_images_name(kb))
         it = c.query_iterator(
             _entries_name(kb), batch_size=1000, filter="version >= 0",
             output_fields=["entry_id", "version", "doc"],
@@ -194,7 +210,40 @@ class KnowledgeStore:
             log.warning("knowledge base %s: removing %d rows of unfinished writes", kb, len(dead))
             for i in range(0, len(dead), INSERT_BATCH):
                 c.delete(_rows_name(kb), ids=dead[i : i + INSERT_BATCH])
+        if self.image_dim:
+            self._drop_dead_images(kb, state)
         self._kbs[kb] = state
+
+    def _drop_dead_images(self, kb: str, state: _KB) -> None:
+        c = self.client
+        dead = []
+        it = c.query_iterator(
+            _images_name(kb), batch_size=1000, filter="version >= 0",
+            output_fields=["pk", "entry_id", "version"],
+        )
+        while batch := it.next():
+            for r in batch:
+                current = state.committed.get(r["entry_id"])
+                if current is None or current[0] != int(r["version"]):
+                    dead.append(r["pk"])
+        it.close()
+        for i in range(0, len(dead), INSERT_BATCH):
+            c.delete(_images_name(kb), ids=dead[i : i + INSERT_BATCH])
+
+    def _create_images(self, kb: str) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        c = self.client
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("entry_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("version", DataType.INT64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.image_dim)
+        index = c.prepare_index_params()
+        index.add_index("vector", index_type="FLAT", metric_type="IP")
+        c.create_collection(
+            _images_name(kb), schema=schema, index_params=index, consistency_level="Strong"
+        )
 
     def _create(self, kb: str) -> _KB:
         from pymilvus import DataType, Function, FunctionType, MilvusClient
@@ -233,6 +282,8 @@ class KnowledgeStore:
         c.create_collection(
             _entries_name(kb), schema=entries, index_params=eindex, consistency_level="Strong"
         )
+        if self.image_dim:
+            self._create_images(kb)
         state = _KB(kb)
         self._kbs[kb] = state
         return state
@@ -261,9 +312,16 @@ class KnowledgeStore:
         return kb in self._kbs
 
     def upsert(
-        self, kb: str, entries: Sequence[EntryData], vectors: Sequence[np.ndarray]
+        self,
+        kb: str,
+        entries: Sequence[EntryData],
+        vectors: Sequence[np.ndarray],
+        see_vectors: Sequence[np.ndarray] | None = None,
     ) -> tuple[int, int]:
         """Writes entries with their text vectors (vectors[i] has one row per entries[i].texts()).
+
+        see_vectors[i], when CLIP is on, holds entries[i].see_rows CLIP vectors: its images,
+        then its texts.
 
         Returns:
             (entries that replaced an existing version, rows written).
@@ -299,6 +357,15 @@ class KnowledgeStore:
                     })
             for i in range(0, len(rows), INSERT_BATCH):
                 c.insert(_rows_name(kb), rows[i : i + INSERT_BATCH])
+            if self.image_dim and see_vectors is not None:
+                see = [
+                    {"pk": f"{e.id}\x1f{version}\x1f{i}", "entry_id": e.id, "version": version,
+                     "vector": np.asarray(v, dtype=np.float32).tolist()}
+                    for e, vecs in zip(entries, see_vectors, strict=True)
+                    for i, v in enumerate(vecs)
+                ]
+                for i in range(0, len(see), INSERT_BATCH):
+                    c.insert(_images_name(kb), see[i : i + INSERT_BATCH])
             docs = [
                 {"entry_id": e.id, "version": version, "doc": e.to_json(), "unused": [0.0, 0.0]}
                 for e in entries
@@ -311,7 +378,10 @@ class KnowledgeStore:
             ids = sorted({e.id for e in entries})
             for i in range(0, len(ids), INSERT_BATCH):
                 chunk = ", ".join(_quote(x) for x in ids[i : i + INSERT_BATCH])
-                c.delete(_rows_name(kb), filter=f"entry_id in [{chunk}] and version < {version}")
+                old = f"entry_id in [{chunk}] and version < {version}"
+                c.delete(_rows_name(kb), filter=old)
+                if self.image_dim:
+                    c.delete(_images_name(kb), filter=old)
         return len(replaced), len(rows)
 
     def delete(self, kb: str, ids: Sequence[str]) -> tuple[int, list[str]]:
@@ -328,6 +398,8 @@ class KnowledgeStore:
                     state.committed.pop(x, None)
                 quoted = ", ".join(_quote(x) for x in chunk)
                 c.delete(_rows_name(kb), filter=f"entry_id in [{quoted}]")
+                if self.image_dim:
+                    c.delete(_images_name(kb), filter=f"entry_id in [{quoted}]")
         return len(present), missing
 
     def get(self, kb: str, entry_id: str) -> EntryData:
@@ -341,10 +413,37 @@ class KnowledgeStore:
         found = self._kbs[kb].committed.get(entry_id) if kb in self._kbs else None
         return None if found is None else found[1]
 
-    def counts(self, kb: str) -> tuple[int, int]:
-        """(entries, rows) of a knowledge base."""
+    def counts(self, kb: str) -> tuple[int, int, int]:
+        """(entries, text rows, image rows) of a knowledge base."""
         state = self._kb(kb)
-        return len(state.committed), state.rows
+        return len(state.committed), state.rows, state.image_rows
+
+    def search_images(self, kb: str, vectors: np.ndarray, *, limit: int) -> list[list[RowHit]]:
+        """Searches the CLIP space (entry images and texts) with question image vectors."""
+        state = self._kb(kb)
+        if not self.image_dim:
+            return [[] for _ in vectors]
+        found = self.client.search(
+            _images_name(kb), data=[v.tolist() for v in vectors], anns_field="vector",
+            limit=min(limit, MAX_SEARCH_LIMIT), output_fields=[],
+            search_params={"metric_type": "IP"},
+        )
+        out = []
+        for hits in found:
+            live = []
+            for h in hits:
+                entry_id, version, index = str(h["id"]).split("\x1f")
+                current = state.committed.get(entry_id)
+                if current is None or current[0] != int(version):
+                    continue
+                e, i = current[1], int(index)
+                if i < e.image_count:
+                    kind, text = "image", f"[image {i + 1} of {e.title or e.id}]"
+                else:
+                    kind, text = e.texts()[i - e.image_count]
+                live.append(RowHit(entry_id, kind, text, float(h["distance"])))
+            out.append(live)
+        return out
 
     def search(
         self,

@@ -1,0 +1,257 @@
+"""Text throughput: server QPS/latency with batching on vs off, against the encoder/search ceiling.
+
+Every comparison is measured in this one run (the machines are noisy): quote ratios.
+Usage: python benchmarks/bench_text.py [--duration 10] [--out docs/bench_text.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BANKING = ROOT.parent / "shared" / "data" / "text" / "banking77" / "train.csv"
+BIN = Path(sys.executable).parent
+
+
+def banking_entries(kb: str):
+    from supportqa.v1 import supportqa_pb2 as pb
+
+    by_label: dict[str, list[str]] = defaultdict(list)
+    with BANKING.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            by_label[row["category"]].append(row["text"])
+    return [
+        pb.Entry(knowledge_base=kb, id=label, title=label.replace("_", " "),
+                 answer=f"Answer for {label}", questions=texts)
+        for label, texts in sorted(by_label.items())
+    ], [t for texts in by_label.values() for t in texts]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """`supportqa-server serve` in a subprocess, so the load generator does not share its GIL."""
+
+    def __init__(self, data_dir: Path, port: int, **env: str) -> None:
+        self.port = port
+        e = dict(os.environ, SUPPORTQA_SPEECH_MODEL="", SUPPORTQA_OCR="false",
+                 SUPPORTQA_CLIP_MODEL="", HF_HUB_OFFLINE="1", **env)
+        self.proc = subprocess.Popen(
+            [str(BIN / "supportqa-server"), "--log-level", "WARNING", "serve", "--port",
+             str(port), "--data-dir", str(data_dir)],
+            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        from supportqa.client import SupportClient
+
+        with SupportClient(self.target) as c:
+            c.wait_ready(180)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def ceiling(data_dir: Path, kb: str, queries: list[str]) -> dict:
+    """Encoder alone (best batch) and Milvus search alone, in this process."""
+    import torch
+    from supportqa_server.encoder import TextEncoder
+    from supportqa_server.store import KnowledgeStore
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    enc = TextEncoder()
+    enc.encode(queries[:8])
+    out: dict = {"encoder_sps": {}, "encoder_one_ms": None}
+    one = []
+    for q in queries[:60]:
+        t = time.perf_counter()
+        enc.encode([q])
+        one.append((time.perf_counter() - t) * 1000)
+    out["encoder_one_ms"] = statistics.median(one)
+    for bs in (8, 16, 32, 64, 128):
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 4.0:
+            batch = queries[n % 2000 : n % 2000 + bs]
+            enc.encode(batch)
+            n += len(batch)
+        out["encoder_sps"][bs] = n / (time.perf_counter() - t)
+    store = KnowledgeStore(str(data_dir / "milvus.db"), enc.dim)
+    store.open()
+    vecs = enc.encode(queries[:64])
+    lat = []
+    for i in range(60):
+        t = time.perf_counter()
+        store.search(kb, vecs[i : i + 1], [queries[i]], limit=200)
+        lat.append((time.perf_counter() - t) * 1000)
+    out["search_one_ms"] = statistics.median(lat)
+    lat32 = []
+    for _ in range(8):
+        t = time.perf_counter()
+        store.search(kb, vecs[:32], queries[:32], limit=200)
+        lat32.append((time.perf_counter() - t) * 1000)
+    out["search_32_ms"] = statistics.median(lat32)
+    out["search_qps_batched"] = 32 / (out["search_32_ms"] / 1000)
+    store.close()
+    return out
+
+
+async def load(target: str, kb: str, queries: list[str], concurrency: int, duration: float):
+    from supportqa.bench import run_load
+    from supportqa.client import question
+
+    qs = [question(q, knowledge_base=kb, top_k=5) for q in queries]
+    return await run_load(target, questions=qs, concurrency=concurrency, duration_s=duration,
+                          warmup=min(4 * concurrency, 64), timeout=30.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench_text.md"))
+    ap.add_argument("--port", type=int, default=50391)
+    args = ap.parse_args()
+    kb = "banking"
+    entries, texts = banking_entries(kb)
+    rng = np.random.default_rng(7)
+    queries = [texts[i] for i in rng.permutation(len(texts))]
+    lines = [
+        "# Text throughput benchmark",
+        "",
+        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
+        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d %H:%M')}  ",
+        f"Knowledge base: BANKING77 train, {len(entries)} entries, "
+        f"{sum(len(e.questions) + 2 for e in entries)} texts (rows); load generator "
+        f"`supportqa.bench.run_load` in a separate process from the server, {args.duration:g} s "
+        "per point after warm-up.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        srv = Server(data, args.port)
+        from supportqa.client import SupportClient
+
+        t = time.perf_counter()
+        with SupportClient(srv.target, timeout=600) as c:
+            s = c.upsert(entries)
+        ingest_s = time.perf_counter() - t
+        srv.stop()
+        lines += [f"Ingest: {s.rows} rows in {ingest_s:.1f} s ({s.rows / ingest_s:.0f} rows/s, "
+                  "embedding included).", ""]
+        print(lines[-2], flush=True)
+        ceil = ceiling(data, kb, queries)
+        best_bs = max(ceil["encoder_sps"], key=ceil["encoder_sps"].get)
+        best = ceil["encoder_sps"][best_bs]
+        lines += [
+            "## Ceiling (in-process, no gRPC)",
+            "",
+            "| what | figure |",
+            "|---|---|",
+            f"| encoder, one sentence, median | {ceil['encoder_one_ms']:.1f} ms |",
+            *[f"| encoder, batch {bs} | {v:.0f} sentences/s |"
+              for bs, v in ceil["encoder_sps"].items()],
+            f"| Milvus search (dense + BM25, 200 rows), one query, median | "
+            f"{ceil['search_one_ms']:.1f} ms |",
+            f"| Milvus search, 32 queries in one call, median | {ceil['search_32_ms']:.1f} ms "
+            f"({ceil['search_qps_batched']:.0f} queries/s) |",
+            "",
+        ]
+        print("\n".join(lines[-10:]), flush=True)
+        results: dict[tuple[str, int], dict] = {}
+        rss = {}
+        for label, env in (("on", {}), ("off", {"SUPPORTQA_MAX_BATCH": "1"})):
+            srv = Server(data, args.port, **env)
+            for c in args.concurrency:
+                r = asyncio.run(load(srv.target, kb, queries, c, args.duration))
+                results[(label, c)] = r
+                print(label, c, r["rps"], r["latency_ms"], r["errors"], flush=True)
+            rss[label] = rss_mb(srv.proc.pid)
+            srv.stop()
+        # Overload: far more callers than capacity, a small queue: only RESOURCE_EXHAUSTED,
+        # bounded latency for accepted calls, flat memory.
+        srv = Server(data, args.port, SUPPORTQA_MAX_QUEUE="64")
+        asyncio.run(load(srv.target, kb, queries, 32, 3))
+        rss_before = rss_mb(srv.proc.pid)
+        over = [asyncio.run(load(srv.target, kb, queries, 512, args.duration)) for _ in range(2)]
+        rss_after = rss_mb(srv.proc.pid)
+        srv.stop()
+
+    lines += [
+        "## Server, batching on (max_batch 64) vs off (max_batch 1)",
+        "",
+        "| concurrency | QPS on | QPS off | on/off | p50 on (ms) | p99 on (ms) | p99/p50 on | "
+        "p50 off (ms) | p99 off (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in args.concurrency:
+        on, off = results[("on", c)], results[("off", c)]
+        errs = {**on["errors"], **{f"off:{k}": v for k, v in off["errors"].items()}}
+        lines.append(
+            f"| {c} | {on['rps']:.1f} | {off['rps']:.1f} | {on['rps'] / off['rps']:.2f}x | "
+            f"{on['latency_ms']['p50']:.1f} | {on['latency_ms']['p99']:.1f} | "
+            f"{on['latency_ms']['p99'] / on['latency_ms']['p50']:.2f} | "
+            f"{off['latency_ms']['p50']:.1f} | {off['latency_ms']['p99']:.1f} | {errs or '-'} |"
+        )
+    c1 = results[("on", 1)]["latency_ms"]["p50"]
+    floor = ceil["encoder_one_ms"] + ceil["search_one_ms"]
+    lines += [
+        "",
+        "## Against the targets",
+        "",
+        "| target | measured |",
+        "|---|---|",
+    ]
+    if 32 in args.concurrency:
+        on32, off32 = results[("on", 32)], results[("off", 32)]
+        lines += [
+            f"| c=32 QPS >= 3x batching off | {on32['rps'] / off32['rps']:.2f}x |",
+            f"| c=32 QPS >= 0.7x encoder ceiling ({best:.0f}/s at batch {best_bs}) | "
+            f"{on32['rps'] / best:.2f}x |",
+            f"| c=32 p99 <= 3x p50 | {on32['latency_ms']['p99'] / on32['latency_ms']['p50']:.2f}x |",
+        ]
+    lines += [
+        f"| c=1 p50 <= 1.3x (encoder one sentence + search) = {floor:.1f} ms | {c1:.1f} ms = "
+        f"{c1 / floor:.2f}x |",
+        "",
+        "## Overload (512 callers, queue bound 64, two rounds)",
+        "",
+        "| round | requests | QPS | p50 (ms) | p99 (ms) | max (ms) | errors |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {i + 1} | {o['requests']} | {o['rps']:.1f} | {o['latency_ms']['p50']:.1f} | "
+          f"{o['latency_ms']['p99']:.1f} | {o['latency_ms']['max']:.1f} | {o['errors']} |"
+          for i, o in enumerate(over)],
+        "",
+        f"Server RSS: {rss_before:.0f} MB before overload, {rss_after:.0f} MB after "
+        f"(batching on: {rss['on']:.0f} MB, off: {rss['off']:.0f} MB after their runs).",
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

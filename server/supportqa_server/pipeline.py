@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -186,9 +186,11 @@ class Pipeline:
     """Owns the models, their batchers and the store; every public method is async."""
 
     settings: Settings
-    rank_options: RankOptions = field(default_factory=RankOptions)
+    rank_options: RankOptions | None = None  # None: from settings
 
     def __post_init__(self) -> None:
+        if self.rank_options is None:
+            self.rank_options = self.settings.rank_options()
         self.ready = False
         self.store: KnowledgeStore | None = None
         self.encoder = None
@@ -357,6 +359,7 @@ class Pipeline:
                 found = self.store.search(
                     kb, np.stack([items[i].vector for i in idx]), [items[i].text for i in idx],
                     limit=limit, locale=locale, tags=tags,
+                    lexical=self.rank_options.lexical_weight > 0,
                 )
             except Exception as e:  # noqa: BLE001 - one group's failure is its callers' alone
                 found = [e] * len(idx)

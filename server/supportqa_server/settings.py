@@ -54,7 +54,11 @@ class Settings(BaseSettings):
     # Ranking
     threshold: float = 0.5  # default confidence below which the answer is NoAnswer
     thresholds: dict[str, float] = Field(default_factory=dict)  # per knowledge base
-    lexical: bool = True  # BM25 route fused with the dense route
+    lexical: bool = True  # keep a BM25 index (needed for lexical_weight > 0)
+    aggregation: str = "max"  # rows -> entry score: max | mean_top | knn (see rank.RankOptions)
+    lexical_weight: float = 0.0  # weight of the BM25 route in reciprocal-rank fusion; 0: off
+    knn: int = 10  # neighbours voting when aggregation is knn
+    margin_weight: float = 0.0  # confidence bonus per unit of top1-top2 gap
 
     # Concurrency
     max_batch: int = 64  # questions per encoder call; 1 turns batching off
@@ -86,6 +90,15 @@ class Settings(BaseSettings):
         if v < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         return v
+
+    def rank_options(self):
+        """The ranking settings as rank.RankOptions."""
+        from .rank import RankOptions
+
+        return RankOptions(
+            aggregation=self.aggregation, lexical_weight=self.lexical_weight, knn=self.knn,
+            margin_weight=self.margin_weight,
+        )
 
     def threshold_for(self, knowledge_base: str) -> float:
         """Confidence threshold of one knowledge base."""

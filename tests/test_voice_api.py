@@ -1,0 +1,169 @@
+"""Voice questions end to end: real server, real tiny.en converted from the bundled weights."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+from supportqa.client import AsyncSupportClient, SupportQAError
+from supportqa.knowledge_file import read_entries
+from supportqa.v1 import supportqa_pb2 as pb
+
+from conftest import SAMPLE_KB
+
+pytestmark = pytest.mark.slow
+
+SPOKEN = [
+    ("I have lost my card and I can't find it anywhere", "card-lost"),
+    ("How do I close my account for good", "account-close"),
+]
+
+
+def speak(text: str) -> bytes:
+    from supportqa_server.synth import synthesize_speech
+
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: `make setup` installs it")
+    return synthesize_speech(text)
+
+
+def pcm16(wav: bytes) -> tuple[bytes, int]:
+    samples, rate = sf.read(io.BytesIO(wav), dtype="int16")
+    return samples.tobytes(), rate
+
+
+@pytest.fixture(scope="module")
+async def voice_server(tmp_path_factory):
+    from supportqa_server.app import running_server
+    from supportqa_server.settings import Settings
+
+    settings = Settings(port=0, data_dir=tmp_path_factory.mktemp("voice"), speech_model="tiny.en",
+                        ocr=False, clip_model="", max_audio_seconds=30)
+    async with running_server(settings) as target:
+        async with AsyncSupportClient(target, timeout=120) as c:
+            await c.upsert(read_entries(SAMPLE_KB))
+        yield target
+
+
+@pytest.fixture
+async def vclient(voice_server):
+    async with AsyncSupportClient(voice_server, timeout=120, retries=0) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("text", "entry_id"), SPOKEN)
+async def test_spoken_question_gets_the_right_entry(vclient, text, entry_id):
+    r = await vclient.ask(audio=speak(text), audio_format="wav")
+    assert r.transcript.final and r.transcript.language == "en"
+    words = set(r.transcript.text.lower().replace(",", "").replace(".", "").split())
+    assert {"card", "account"} & words
+    assert r.answers[0].entry_id == entry_id, (r.transcript.text, [a.entry_id for a in r.answers])
+    assert r.timings.transcribe_us > 0 and r.timings.decode_us > 0
+
+
+async def test_real_human_speech(vclient, shared_data):
+    data = (shared_data / "speech" / "jfk" / "jfk.flac").read_bytes()
+    events = [ev async for ev in vclient.ask_stream(audio=data, min_score=0.0)]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["Accepted", "Transcript"] and kinds[-1] == "Done"
+    assert "my fellow americans" in events[1].text.lower()
+    assert "your country" in events[1].text.lower()
+
+
+async def test_converse_in_chunks_matches_one_shot(vclient):
+    wav = speak("My card has been stolen, what should I do")
+    one_shot = await vclient.ask(audio=wav, audio_format="wav")
+    raw, rate = pcm16(wav)
+    chunk = rate * 2 // 5  # 200 ms of 16-bit mono per message
+
+    def requests():
+        cfg = pb.ConverseConfig(question=pb.Question(top_k=5), format=pb.AUDIO_FORMAT_PCM16,
+                                sample_rate_hz=rate, channels=1)
+        yield pb.ConverseRequest(config=cfg)
+        for i in range(0, len(raw), chunk):
+            yield pb.ConverseRequest(audio_chunk=raw[i : i + chunk])
+        yield pb.ConverseRequest(end=pb.EndOfUtterance())
+
+    events = [ev async for ev in vclient.converse(requests())]
+    finals = [e for e in events if isinstance(e, pb.Transcript) and e.final]
+    assert len(finals) == 1
+    assert finals[0].text == one_shot.transcript.text
+    answers = [e.entry_id for e in events if isinstance(e, pb.Answer)]
+    assert answers == [a.entry_id for a in one_shot.answers]
+    assert answers[0] == "card-stolen"
+    assert isinstance(events[0], pb.Accepted) and isinstance(events[-1], pb.Done)
+
+
+async def test_converse_ends_on_trailing_silence(vclient):
+    raw, rate = pcm16(speak("I want to close my account"))
+    silence = bytes(2 * rate)  # 1 s of digital silence
+
+    async def requests():
+        cfg = pb.ConverseConfig(question=pb.Question(), format=pb.AUDIO_FORMAT_PCM16,
+                                sample_rate_hz=rate, end_silence_ms=600)
+        yield pb.ConverseRequest(config=cfg)
+        yield pb.ConverseRequest(audio_chunk=raw)
+        yield pb.ConverseRequest(audio_chunk=silence)
+        # No EndOfUtterance and the stream stays open: the server must end the utterance.
+        await asyncio.sleep(60)
+
+    events = []
+    async for ev in vclient.converse(requests(), timeout=60):
+        events.append(ev)
+    finals = [e.text for e in events if isinstance(e, pb.Transcript) and e.final]
+    assert len(finals) == 1 and "close" in finals[0].lower(), events
+    assert isinstance(events[-1], pb.Done)
+
+
+def _wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"audio": b"this is not audio at all" * 10, "audio_format": "wav"}, "audio"),
+        ({"audio": b"\x00\x01" * 100}, "format"),
+        ({"audio": _wav(np.zeros(16000, dtype=np.float32)), "audio_format": "wav"}, "silent"),
+        ({"audio": _wav(0.1 * np.sin(np.arange(16000 * 31) / 5.0)), "audio_format": "wav"},
+         "limit"),
+        ({"audio": b"\x00\x00" * 1600, "audio_format": "pcm16"}, "sample"),
+    ],
+)
+async def test_bad_audio_is_invalid_argument(vclient, kwargs, words):
+    with pytest.raises(SupportQAError) as e:
+        await vclient.ask(**kwargs)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in e.value.details.lower()
+    ok = await vclient.ask("is the server still fine")  # nothing crashed
+    assert ok.request_id
+
+
+async def test_converse_sends_partial_transcripts_while_caller_speaks(vclient):
+    raw, rate = pcm16(speak(
+        "Hello, I sent money to my friend on Monday and it still has not arrived in her account"
+    ))
+    chunk = rate * 2 // 5  # 200 ms
+
+    async def requests():
+        cfg = pb.ConverseConfig(question=pb.Question(), format=pb.AUDIO_FORMAT_PCM16,
+                                sample_rate_hz=rate)
+        yield pb.ConverseRequest(config=cfg)
+        for i in range(0, len(raw), chunk):
+            yield pb.ConverseRequest(audio_chunk=raw[i : i + chunk])
+            await asyncio.sleep(0.2)  # as fast as the caller speaks
+        yield pb.ConverseRequest(end=pb.EndOfUtterance())
+
+    events = [ev async for ev in vclient.converse(requests())]
+    transcripts = [e for e in events if isinstance(e, pb.Transcript)]
+    partial = [t for t in transcripts if not t.final]
+    assert partial, "no partial transcript while audio was arriving"
+    assert transcripts[-1].final
+    assert len(partial[0].text) < len(transcripts[-1].text)

@@ -488,9 +488,7 @@ class Pipeline:
         if see_vector is not None:
             lists.append(await self._ranked_see(req, see_vector, timings))
         t0 = time.perf_counter()
-        ranked = lists[0] if len(lists) == 1 else fuse_lists(
-            [(1.0, r) for r in lists], self.rank_options.rrf_k
-        )
+        ranked = lists[0] if len(lists) == 1 else fuse_lists([(1.0, r) for r in lists])
         events = self._answers(req, ranked, threshold)
         timings.rank_us += _us(t0)
         for ev in events:

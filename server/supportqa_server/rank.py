@@ -110,20 +110,27 @@ def rank(
     return out
 
 
-def fuse_lists(lists: Sequence[tuple[float, list[RankedEntry]]], rrf_k: float) -> list[RankedEntry]:
-    """Weighted RRF of several ranked entry lists (e.g. typed text and the image's routes)."""
+def fuse_lists(lists: Sequence[tuple[float, list[RankedEntry]]]) -> list[RankedEntry]:
+    """Fuses the ranked lists of one question's routes (typed text, text read from the image,
+    the image itself) by the weighted sum of their confidences (CombSUM).
+
+    An entry missing from a list counts with that list's lowest confidence, so an entry that
+    matches every part of the question beats one that matches a single part a little better.
+    Its confidence is the best it has in any list, comparable to the threshold.
+    """
     merged: dict[str, RankedEntry] = {}
-    for weight, ranked in lists:
-        for r, item in enumerate(ranked):
-            add = weight / (rrf_k + r + 1)
+    floors = [min((r.score for r in ranked), default=0.0) for _, ranked in lists]
+    total = sum(w for w, _ in lists) or 1.0
+    for (weight, ranked), floor in zip(lists, floors, strict=True):
+        for item in ranked:
             cur = merged.get(item.entry_id)
             if cur is None:
-                merged[item.entry_id] = RankedEntry(
-                    item.entry_id, item.score, add, set(item.routes), item.matched_text
+                cur = merged[item.entry_id] = RankedEntry(
+                    item.entry_id, item.score, 0.0, set(item.routes), item.matched_text
                 )
-            else:
-                cur.fused += add
-                cur.routes |= item.routes
-                if item.score > cur.score:
-                    cur.score, cur.matched_text = item.score, item.matched_text
+                cur.fused = sum(w * f for (w, _), f in zip(lists, floors, strict=True)) / total
+            cur.fused += weight * (item.score - floor) / total
+            cur.routes |= item.routes
+            if item.score > cur.score:
+                cur.score, cur.matched_text = item.score, item.matched_text
     return sorted(merged.values(), key=lambda r: (-r.fused, -r.score))

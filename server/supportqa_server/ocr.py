@@ -1,0 +1,230 @@
+"""Reads the text in a picture (rapidocr, ONNX models bundled in its wheel) in reading order."""
+
+from __future__ import annotations
+
+import threading
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from supportqa_server.errors import NotAvailable
+
+# rapidocr 3.10.0 ships these three models inside its wheel. Giving their paths explicitly makes
+# rapidocr skip its downloader, which otherwise fetches any model missing from its cache dir.
+DET_MODEL = "PP-OCRv6_det_small.onnx"  # DB text detector, ~10 MB
+REC_MODEL = "PP-OCRv6_rec_small.onnx"  # CTC recogniser, ~21 MB; its charset is in the ONNX metadata
+CLS_MODEL = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"  # 0/180 degree line classifier, ~0.6 MB
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """One line of text found in a picture.
+
+    Attributes:
+        text: The characters read, as the recogniser emitted them (no normalisation).
+        confidence: Mean per-character probability from the recogniser, 0..1.
+        left: x of the line box's left edge, in pixels of the image given to ``read``.
+        top: y of the line box's top edge, in pixels of the image given to ``read``.
+    """
+
+    text: str
+    confidence: float
+    left: int
+    top: int
+
+
+def bundled_model_dir() -> Path:
+    """Directory of the ONNX models shipped in the rapidocr wheel."""
+    import rapidocr
+
+    return Path(rapidocr.__file__).resolve().parent / "models"
+
+
+class TextReader:
+    """OCR for screenshots and photos: text detection, optional angle fix, recognition.
+
+    Defaults are tuned for 2 CPU cores (see docs/bench_ocr.md): the detector sees the picture
+    scaled so that its short side is at least ``det_min_side`` while its long side stays at most
+    ``det_max_side``, instead of rapidocr's default of scaling every short side up to 736 px
+    (a 720x260 dialog became 2038x736, 5x the pixels, for no gain in accuracy); the angle
+    classifier is off. Models are loaded and run once in the constructor, so the first ``read``
+    pays no load time.
+
+    Calls are serialised with a lock: rapidocr keeps per-call state on the engine.
+
+    Args:
+        min_confidence: Lines whose recogniser confidence is below this are dropped (0..1).
+        det_min_side: Pictures whose short side is below this many pixels are scaled up for the
+            detector (small screenshots carry 8-12 px text, too thin for the detector).
+        det_max_side: The detector never sees a long side over this many pixels; 0 means no
+            limit. Recognition still reads line crops from the full-resolution picture.
+        use_angle_classifier: Run the 0/180 degree classifier on each line before recognition.
+            Off by default: screenshots are upright and photos are made upright from their
+            EXIF orientation before OCR; on short lines the classifier flips some wrongly.
+        threads: onnxruntime intra-op threads per model; 0 lets onnxruntime choose (one per
+            core).
+        rec_batch_size: Line crops per recogniser call; crops are sorted by width and each
+            batch is padded to its widest crop.
+        model_dir: Directory holding the three ONNX models; default is rapidocr's wheel.
+
+    Raises:
+        NotAvailable: rapidocr or its bundled models are missing.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_confidence: float = 0.5,
+        det_min_side: int = 560,
+        det_max_side: int = 960,
+        use_angle_classifier: bool = False,
+        threads: int = 0,
+        rec_batch_size: int = 6,
+        model_dir: str | Path | None = None,
+    ) -> None:
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be within 0..1, got {min_confidence}")
+        if det_min_side < 32 or (det_max_side and det_max_side < det_min_side):
+            raise ValueError(
+                f"need 32 <= det_min_side <= det_max_side (or det_max_side=0), "
+                f"got {det_min_side} and {det_max_side}"
+            )
+        if threads < 0 or rec_batch_size < 1:
+            raise ValueError(
+                f"threads must be >= 0 and rec_batch_size >= 1, got {threads}, {rec_batch_size}"
+            )
+        try:
+            from rapidocr import RapidOCR
+        except ImportError as e:
+            raise NotAvailable(
+                "image text reading needs rapidocr: pip install rapidocr==3.10.0 onnxruntime"
+            ) from e
+
+        models = Path(model_dir) if model_dir is not None else bundled_model_dir()
+        missing = [m for m in (DET_MODEL, REC_MODEL, CLS_MODEL) if not (models / m).is_file()]
+        if missing:
+            raise NotAvailable(
+                f"OCR models {', '.join(missing)} are missing from {models}: reinstall "
+                "rapidocr==3.10.0 (its wheel ships them) or pass model_dir"
+            )
+
+        self.min_confidence = min_confidence
+        self.det_min_side = det_min_side
+        self.det_max_side = det_max_side
+        self.use_angle_classifier = use_angle_classifier
+        self._lock = threading.Lock()
+        self._engine = RapidOCR(
+            params={
+                "Global.log_level": "warning",
+                "Global.text_score": min_confidence,
+                "Global.use_cls": use_angle_classifier,
+                "Global.model_root_dir": str(models),
+                "Det.model_path": str(models / DET_MODEL),
+                "Cls.model_path": str(models / CLS_MODEL),
+                "Rec.model_path": str(models / REC_MODEL),
+                "Rec.rec_batch_num": rec_batch_size,
+                "EngineConfig.onnxruntime.intra_op_num_threads": threads or -1,
+            }
+        )
+        self._warm_up()
+
+    def read(self, image: Image.Image) -> list[TextLine]:
+        """Reads the text lines of one picture.
+
+        Args:
+            image: Any PIL image; it is converted to RGB.
+
+        Returns:
+            Lines in reading order (rows top to bottom, left to right within a row), without
+            empty lines and lines below ``min_confidence``. Empty when no text is found.
+        """
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        with self._lock:
+            self._size_detector(width, height)
+            result = self._engine(image)
+        boxes = getattr(result, "boxes", None)
+        texts = getattr(result, "txts", None)
+        scores = getattr(result, "scores", None)
+        if boxes is None or texts is None or scores is None:
+            return []
+        found = []
+        for box, text, score in zip(boxes, texts, scores, strict=True):
+            text = text.strip()
+            if not text or score < self.min_confidence:
+                continue
+            xs, ys = box[:, 0], box[:, 1]  # box: (4, 2) corners, x then y, pixels
+            found.append((float(xs.min()), float(ys.min()), float(ys.max()), text, float(score)))
+        return _reading_order(found)
+
+    def read_batch(self, images: Sequence[Image.Image]) -> list[list[TextLine]]:
+        """Reads several pictures; one list of lines per picture, in input order.
+
+        Pictures are read one after another: detection is per picture, and recognising the
+        crops of several pictures in one call was not faster on CPU (batches are padded to
+        their widest crop).
+        """
+        return [self.read(image) for image in images]
+
+    def _size_detector(self, width: int, height: int) -> None:
+        short, long = min(width, height), max(width, height)
+        scale = max(1.0, self.det_min_side / short)
+        if self.det_max_side:
+            scale = min(scale, self.det_max_side / long)
+        # rapidocr's DetPreProcess scales by limit/short ("min", only up) or limit/long ("max",
+        # only down), then rounds both sides to multiples of 32 px.
+        det = self._engine.text_det
+        if scale >= 1.0:
+            det.limit_type, det.limit_side_len = "min", round(short * scale)
+        else:
+            det.limit_type, det.limit_side_len = "max", round(long * scale)
+
+    def _warm_up(self) -> None:
+        # rapidocr loads each model on first use; one read of a rendered word loads them now.
+        img = Image.new("RGB", (160, 48), (255, 255, 255))
+        ImageDraw.Draw(img).text((8, 8), "Ready 42", font=ImageFont.load_default(size=26), fill=0)
+        self._engine.cfg.Det.limit_type, self._engine.cfg.Det.limit_side_len = "max", 160
+        self._engine(img)
+        loaded = self._engine.text_det is not None and self._engine.text_rec is not None
+        if not loaded or (self.use_angle_classifier and self._engine.text_cls is None):
+            raise NotAvailable("rapidocr did not load its models on a test picture")
+
+
+def joined_text(lines: Sequence[TextLine]) -> str:
+    """Text of the lines as one string for the text encoder, a line per row of ``lines``.
+
+    Full-width and compatibility forms that OCR emits for CJK text are folded to their plain
+    forms (NFKC: "￥" -> "¥", "℃" -> "°C", "１" -> "1"), and runs of spaces collapsed, so the
+    encoder sees the tokens a typed question would give.
+    """
+    out = []
+    for line in lines:
+        text = " ".join(unicodedata.normalize("NFKC", line.text).split())
+        if text:
+            out.append(text)
+    return "\n".join(out)
+
+
+def _reading_order(found: list[tuple[float, float, float, str, float]]) -> list[TextLine]:
+    """Sorts (left, top, bottom, text, confidence) boxes into rows, then rows into lines.
+
+    Boxes are taken by their vertical centre; a box joins the current row when its centre lies
+    within the vertical extent of the row's first box. Comparing with the first box, not the
+    last, stops rows from chaining down a column of stacked small labels; comparing centres,
+    not overlaps, keeps a small caption that touches a big word's edge on its own row.
+    """
+    rows: list[list[tuple[float, float, float, str, float]]] = []
+    for item in sorted(found, key=lambda f: (f[1] + f[2]) / 2):
+        if rows and rows[-1][0][1] <= (item[1] + item[2]) / 2 <= rows[-1][0][2]:
+            rows[-1].append(item)
+        else:
+            rows.append([item])
+    return [
+        TextLine(text=text, confidence=conf, left=round(left), top=round(top))
+        for row in rows
+        for left, top, _, text, conf in sorted(row, key=lambda f: f[0])
+    ]

@@ -53,7 +53,8 @@ class Server:
     def __init__(self, data_dir: Path, port: int, **env: str) -> None:
         self.port = port
         e = dict(os.environ, SUPPORTQA_SPEECH_MODEL="", SUPPORTQA_OCR="false",
-                 SUPPORTQA_CLIP_MODEL="", HF_HUB_OFFLINE="1", **env)
+                 SUPPORTQA_CLIP_MODEL="", HF_HUB_OFFLINE="1")
+        e.update(env)
         self.proc = subprocess.Popen(
             [str(BIN / "supportqa-server"), "--log-level", "WARNING", "serve", "--port",
              str(port), "--data-dir", str(data_dir)],

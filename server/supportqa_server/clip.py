@@ -1,4 +1,4 @@
-"""Image encoder: pictures and texts into one CLIP space, to match a question's image with entries."""
+"""Image encoder: pictures and texts into one CLIP space, to match question images to entries."""
 
 from __future__ import annotations
 
@@ -52,22 +52,22 @@ class ImageEncoder:
                 f"CLIP model directory {model!r} does not exist: "
                 f"give the directory of a saved model, e.g. a copy of {REFERENCE_MODEL}"
             )
+        where = (
+            f"the directory {source!r} does not hold a complete model (config.json, weights, "
+            "tokenizer and preprocessor files)"
+            if local_only
+            else f"{source!r} is not in the Hugging Face cache and could not be downloaded "
+            "(offline?)"
+        )
+        how = (
+            f"On a machine with internet run `hf download {REFERENCE_MODEL} --local-dir "
+            "clip-vit-base-patch32`, copy that directory here and set SUPPORTQA_CLIP_MODEL to "
+            "its path"
+        )
         try:
-            self._processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
             self._model = AutoModel.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError, KeyError) as e:
-            where = (
-                f"the directory {source!r} does not hold a complete model (config.json, "
-                "weights, tokenizer and preprocessor files)"
-                if local_only
-                else f"{source!r} is not in the Hugging Face cache and could not be downloaded "
-                "(offline?)"
-            )
-            raise NotAvailable(
-                f"cannot load CLIP model: {where}. On a machine with internet run "
-                f"`hf download {REFERENCE_MODEL} --local-dir clip-vit-base-patch32`, copy that "
-                "directory here and set SUPPORTQA_CLIP_MODEL to its path"
-            ) from e
+            raise NotAvailable(f"cannot load CLIP model: {where}. {how}") from e
         if not (
             hasattr(self._model, "get_image_features") and hasattr(self._model, "get_text_features")
         ):
@@ -76,6 +76,10 @@ class ImageEncoder:
                 f"(get_image_features / get_text_features): use a CLIP-like model such as "
                 f"{REFERENCE_MODEL}"
             )
+        try:
+            self._processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError, KeyError) as e:
+            raise NotAvailable(f"cannot load the CLIP processor: {where}. {how}") from e
         self._model.eval().to(device)
         if device.startswith("cuda"):
             self._model.half()

@@ -1,4 +1,4 @@
-"""Decode a question's image bytes into an upright RGB picture, refusing what is unsafe to decode."""
+"""Decodes a question's image bytes into an upright RGB picture, refusing unsafe inputs."""
 
 from __future__ import annotations
 
@@ -39,10 +39,8 @@ _UNDECLARED = {"", "application/octet-stream", "binary/octet-stream", "image/*"}
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
-def load_image(
-    data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: int
-) -> Image.Image:
-    """Decode image bytes into an upright RGB picture.
+def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decodes image bytes into an upright RGB picture.
 
     Only the header is read before the size checks, so a decompression bomb is refused before any
     pixel is decoded. Animated GIF, WebP and PNG give their first frame, multi-page TIFF its first
@@ -105,7 +103,7 @@ def load_image(
 
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        img = _upright(img)
         return _to_rgb(img)
     except Image.DecompressionBombError as e:
         raise TooLarge(
@@ -119,7 +117,7 @@ def load_image(
 
 
 def downscale_for_ocr(img: Image.Image, max_side: int) -> Image.Image:
-    """Shrink an image so that its longer side is at most ``max_side`` pixels.
+    """Shrinks an image so that its longer side is at most ``max_side`` pixels.
 
     Text detection cost grows with pixel count while most photos carry text far taller than the
     detector needs, so large photos are shrunk before OCR. Smaller images are returned as is.
@@ -141,6 +139,13 @@ def downscale_for_ocr(img: Image.Image, max_side: int) -> Image.Image:
     # reducing_gap=3: shrink by an integer factor first (fast box filter), then Lanczos for the
     # rest; indistinguishable from a full Lanczos at these ratios and several times faster.
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block is no reason to refuse the picture
+        return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

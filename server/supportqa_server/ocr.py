@@ -18,6 +18,11 @@ DET_MODEL = "PP-OCRv6_det_small.onnx"  # DB text detector, ~10 MB
 REC_MODEL = "PP-OCRv6_rec_small.onnx"  # CTC recogniser, ~21 MB; its charset is in the ONNX metadata
 CLS_MODEL = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"  # 0/180 degree line classifier, ~0.6 MB
 
+# Longest side / shortest side beyond which pictures are padded before OCR. rapidocr shrinks
+# long sides over 2000 px and rounds sides to multiples of 32 px, so a 5x3000 strip becomes
+# 0 px wide and raises; at 100 the short side stays >= 20 px, which rounds to 32.
+MAX_ASPECT = 100
+
 
 @dataclass(frozen=True)
 class TextLine:
@@ -44,14 +49,23 @@ def bundled_model_dir() -> Path:
 
 
 class TextReader:
-    """OCR for screenshots and photos: text detection, optional angle fix, recognition.
+    """OCR for screenshots and photos: text detection, 0/180 degree line fix, recognition.
 
-    Defaults are tuned for 2 CPU cores (see docs/bench_ocr.md): the detector sees the picture
-    scaled so that its short side is at least ``det_min_side`` while its long side stays at most
-    ``det_max_side``, instead of rapidocr's default of scaling every short side up to 736 px
-    (a 720x260 dialog became 2038x736, 5x the pixels, for no gain in accuracy); the angle
-    classifier is off. Models are loaded and run once in the constructor, so the first ``read``
-    pays no load time.
+    Defaults are tuned for 2 CPU cores (docs/bench_ocr.md):
+
+    - the detector sees the picture scaled so that its short side is at least ``det_min_side``
+      while its long side stays at most ``det_max_side``; rapidocr's default scales every short
+      side up to 736 px: a 720x260 dialog became 2048x736, 8x the pixels, and read no better;
+    - one crop per recogniser call: rapidocr pads every batch to at least 320x48 px and to its
+      widest crop; recognising the 65 line crops of the benchmark pictures took 20% more CPU
+      in batches of 6 than one by one, 80% more in batches of 16;
+    - one onnxruntime thread: the server runs OCR beside the text encoder and Whisper on the
+      same cores; on a busy 2-core machine 2 threads took 1.5-1.8x the wall and CPU time of 1.
+
+    The angle classifier stays on: skipping it saved no measurable time (its model is 0.6 MB),
+    and it is what lets a label photographed upside down be read.
+
+    Models are loaded and run once in the constructor, so the first ``read`` pays no load time.
 
     Calls are serialised with a lock: rapidocr keeps per-call state on the engine.
 
@@ -61,9 +75,8 @@ class TextReader:
             detector (small screenshots carry 8-12 px text, too thin for the detector).
         det_max_side: The detector never sees a long side over this many pixels; 0 means no
             limit. Recognition still reads line crops from the full-resolution picture.
-        use_angle_classifier: Run the 0/180 degree classifier on each line before recognition.
-            Off by default: screenshots are upright and photos are made upright from their
-            EXIF orientation before OCR; on short lines the classifier flips some wrongly.
+        use_angle_classifier: Run the 0/180 degree classifier on each line before recognition,
+            so upside-down text is read. Screenshots never need it.
         threads: onnxruntime intra-op threads per model; 0 lets onnxruntime choose (one per
             core).
         rec_batch_size: Line crops per recogniser call; crops are sorted by width and each
@@ -80,9 +93,9 @@ class TextReader:
         min_confidence: float = 0.5,
         det_min_side: int = 560,
         det_max_side: int = 960,
-        use_angle_classifier: bool = False,
-        threads: int = 0,
-        rec_batch_size: int = 6,
+        use_angle_classifier: bool = True,
+        threads: int = 1,
+        rec_batch_size: int = 1,
         model_dir: str | Path | None = None,
     ) -> None:
         if not 0.0 <= min_confidence <= 1.0:
@@ -118,7 +131,7 @@ class TextReader:
         self._lock = threading.Lock()
         self._engine = RapidOCR(
             params={
-                "Global.log_level": "warning",
+                "Global.log_level": "error",  # "warning" logs each picture without text
                 "Global.text_score": min_confidence,
                 "Global.use_cls": use_angle_classifier,
                 "Global.model_root_dir": str(models),
@@ -144,6 +157,14 @@ class TextReader:
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = image.size
+        min_short = -(-max(width, height) // MAX_ASPECT)
+        if min(width, height) < min_short:
+            # Pad right or bottom, so box coordinates stay those of the original picture.
+            canvas = Image.new(
+                "RGB", (max(width, min_short), max(height, min_short)), image.getpixel((0, 0))
+            )
+            canvas.paste(image, (0, 0))
+            image, (width, height) = canvas, canvas.size
         with self._lock:
             self._size_detector(width, height)
             result = self._engine(image)
@@ -165,8 +186,8 @@ class TextReader:
         """Reads several pictures; one list of lines per picture, in input order.
 
         Pictures are read one after another: detection is per picture, and recognising the
-        crops of several pictures in one call was not faster on CPU (batches are padded to
-        their widest crop).
+        crops of several pictures together would only make larger, more padded batches, which
+        cost more CPU than single crops (see the class docstring).
         """
         return [self.read(image) for image in images]
 

@@ -167,3 +167,22 @@ async def test_converse_sends_partial_transcripts_while_caller_speaks(vclient):
     assert partial, "no partial transcript while audio was arriving"
     assert transcripts[-1].final
     assert len(partial[0].text) < len(transcripts[-1].text)
+
+
+async def test_converse_starting_with_silence_is_fine(vclient):
+    raw, rate = pcm16(speak("How do I close my account for good"))
+    chunk = rate * 2 // 20  # 50 ms: shorter than the 0.1 s a whole question needs
+
+    def requests():
+        cfg = pb.ConverseConfig(question=pb.Question(), format=pb.AUDIO_FORMAT_PCM16,
+                                sample_rate_hz=rate, end_silence_ms=700)
+        yield pb.ConverseRequest(config=cfg)
+        for _ in range(10):  # half a second of the caller saying nothing
+            yield pb.ConverseRequest(audio_chunk=bytes(chunk))
+        for i in range(0, len(raw), chunk):
+            yield pb.ConverseRequest(audio_chunk=raw[i : i + chunk])
+        yield pb.ConverseRequest(end=pb.EndOfUtterance())
+
+    events = [ev async for ev in vclient.converse(requests())]
+    answers = [e.entry_id for e in events if isinstance(e, pb.Answer)]
+    assert answers and answers[0] == "account-close"

@@ -182,6 +182,32 @@ def decode_audio(
     return np.ascontiguousarray(np.clip(mono, -1.0, 1.0), dtype=np.float32)
 
 
+def pcm16_samples(data: bytes, sample_rate_hz: int, channels: int = 0) -> np.ndarray:
+    """Converts raw PCM16 to 16 kHz mono float32 without judging the content.
+
+    For audio still arriving (Converse): unlike decode_audio, an empty, short or silent
+    buffer is not an error, so trailing-silence detection can run from the first chunk.
+
+    Args:
+        data: little-endian 16-bit interleaved samples; a trailing partial frame is ignored.
+        sample_rate_hz: 8000..48000.
+        channels: 1 or 2 (0 means 1).
+
+    Returns:
+        float32 samples in [-1, 1], shape (n,).
+
+    Raises:
+        InvalidInput: sample_rate_hz or channels out of range.
+    """
+    frame_bytes = 2 * (channels or 1)
+    whole = data[: len(data) - len(data) % frame_bytes]
+    samples, rate = _decode_pcm16(whole, sample_rate_hz, channels)
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if rate != SAMPLE_RATE and mono.size:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
 def frame_levels(samples: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Returns the RMS level in dBFS of each whole FRAME_MS frame, shape (n_frames,)."""
     hop = sr * FRAME_MS // 1000  # samples per frame: 320 at 16 kHz

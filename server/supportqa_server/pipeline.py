@@ -563,7 +563,7 @@ class Pipeline:
         self, messages: AsyncIterator[ConverseMessage], timeout: float | None
     ) -> AsyncIterator[Event]:
         """Answers a question spoken as a stream of audio chunks (see the Converse rpc)."""
-        from .audio import decode_audio, speech_end
+        from .audio import decode_audio, pcm16_samples, speech_end
 
         t_start = time.perf_counter()
         first = await anext(messages, None)
@@ -612,15 +612,13 @@ class Pipeline:
                     yield Transcript(heard.text, heard.language, False)
             if not pcm:
                 continue
-            samples = None
-            if first.end_silence_ms:
-                samples = decode_now()
-                if speech_end(samples, silence_ms=first.end_silence_ms):
-                    break
+            # The audio so far, unjudged: a silent or very short start is not an error yet.
+            samples = pcm16_samples(bytes(buf), first.sample_rate_hz, channels)
+            if first.end_silence_ms and speech_end(samples, silence_ms=first.end_silence_ms):
+                break
             if partial is None and len(buf) - partial_at >= bytes_per_s * s.partial_seconds:
                 partial_at = len(buf)
-                partial = asyncio.create_task(self._partial(
-                    samples if samples is not None else decode_now(), req))
+                partial = asyncio.create_task(self._partial(samples, req))
         if partial is not None:
             partial.cancel()
         if not buf:

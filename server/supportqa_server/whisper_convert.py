@@ -13,9 +13,13 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from whisper.model import Whisper
 
 # Bump when the mapping or the checkpoint layout changes, so cached files are re-converted.
 CONVERTER_VERSION = 1
@@ -383,7 +387,7 @@ def resolve_whisper_checkpoint(name: str, cache_dir: Path | None = None) -> str:
     return str(target)
 
 
-def load_whisper(name: str, device: str = "cpu", cache_dir: Path | None = None):
+def load_whisper(name: str, device: str = "cpu", cache_dir: Path | None = None) -> Whisper:
     """Loads an openai-whisper model, converting a bundled one first if needed.
 
     Unlike ``whisper.load_model(path)``, this also sets the alignment heads of converted

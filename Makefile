@@ -45,6 +45,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_text.py
+	$(BIN)/python benchmarks/bench_server_voice.py
+	$(BIN)/python benchmarks/bench_whisper.py > docs/bench_voice.md
+	$(BIN)/python benchmarks/bench_ocr.py > docs/bench_ocr.md
+	$(BIN)/python benchmarks/collect.py
 
 eval: setup
 	$(BIN)/supportqa-server eval --kb ../shared/data/text/banking77/train.csv \

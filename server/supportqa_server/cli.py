@@ -44,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         eval_main = None
     else:
         add_eval_arguments(sub.add_parser("eval", help="score retrieval through the gRPC API"))
+    from .adapt import adapt_main, add_adapt_arguments
+
+    add_adapt_arguments(sub.add_parser(
+        "adapt", help="fine-tune the text encoder on a knowledge base's paraphrases (offline)"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return _serve(args)
+    if args.command == "adapt":
+        return adapt_main(args)
     assert eval_main is not None
     return eval_main(args)
 

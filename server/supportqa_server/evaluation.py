@@ -738,7 +738,8 @@ async def _evaluate(
 
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="supportqa-eval-"))
             print("starting an in-process server on a fresh store", file=sys.stderr)
-            settings = Settings(data_dir=data_dir, port=0, **ROUTES_OFF[args.modality])
+            model = {"text_model": str(args.adapt)} if getattr(args, "adapt", None) else {}
+            settings = Settings(data_dir=data_dir, port=0, **ROUTES_OFF[args.modality], **model)
             target = await stack.enter_async_context(running_server(settings))
         client = await stack.enter_async_context(client_factory(target))
         if not args.no_upsert:
@@ -803,6 +804,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--no-upsert", action="store_true", help="ask without writing the knowledge base first"
     )
+    server.add_argument(
+        "--adapt",
+        metavar="DIR",
+        help="fine-tune the text encoder on the knowledge-base side first (as supportqa-server "
+        "adapt; reused when DIR already holds the same adaptation) and serve with it",
+    )
+    server.add_argument("--adapt-epochs", type=int, default=1, help="epochs of --adapt")
     asking = parser.add_argument_group("asking")
     asking.add_argument("--top-k", type=int, default=5, help="answers per query (1..50)")
     asking.add_argument(
@@ -900,6 +908,16 @@ def eval_main(args: argparse.Namespace, *, client_factory: ClientFactory | None 
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     entries = build_entries(dataset.kb, args.knowledge_base)
+    adapted = None
+    if getattr(args, "adapt", None):
+        from supportqa_server.adapt import AdaptOptions, adapt
+
+        if args.target:
+            print("supportqa-server eval: error: --adapt needs the in-process server; the "
+                  "--target server keeps its own model", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        adapted = adapt([[e.title, *e.questions] for e in entries], args.adapt,
+                        options=AdaptOptions(epochs=args.adapt_epochs))
     from supportqa_server.synth import SynthesisError
 
     try:
@@ -949,6 +967,9 @@ def eval_main(args: argparse.Namespace, *, client_factory: ClientFactory | None 
         "concurrency": args.concurrency,
         "target": args.target or "in-process",
     }
+    if adapted is not None:
+        config["adapt"] = {k: getattr(adapted, k) for k in
+                           ("out_dir", "fingerprint", "steps", "seconds", "peak_rss_mb", "reused")}
     if args.sweep_thresholds:
         config["threshold_applied"] = threshold
         metrics["sweep"] = sweep

@@ -51,13 +51,17 @@ class Settings(BaseSettings):
     max_image_bytes: int = 20 * 1024 * 1024  # encoded image size
     max_image_pixels: int = 40_000_000  # width*height, against decompression bombs
 
-    # Ranking
+    # Ranking (chosen on BANKING77 / CLINC150 dev: docs/evaluation.md)
     threshold: float = 0.5  # default confidence below which the answer is NoAnswer
     thresholds: dict[str, float] = Field(default_factory=dict)  # per knowledge base
     lexical: bool = True  # keep a BM25 index (needed for lexical_weight > 0)
     aggregation: str = "max"  # rows -> entry score: max | mean_top | knn (see rank.RankOptions)
-    lexical_weight: float = 0.0  # weight of the BM25 route in reciprocal-rank fusion; 0: off
+    top_rows: int = 2  # rows averaged by mean_top (aggregation and confidence)
     knn: int = 10  # neighbours voting when aggregation is knn
+    knn_temperature: float = 0.05  # softmax temperature of the kNN vote, cosine units
+    fusion: str = "rrf"  # how BM25 joins: rrf (reciprocal ranks) | score (BM25 share added)
+    lexical_weight: float = 0.0  # weight of the BM25 route in the fusion; 0: off
+    confidence: str = "best"  # best (entry's best cosine) | mean_top (mean of its top_rows)
     margin_weight: float = 0.0  # confidence bonus per unit of top1-top2 gap
 
     # Concurrency
@@ -92,13 +96,21 @@ class Settings(BaseSettings):
         return v
 
     def rank_options(self):
-        """The ranking settings as rank.RankOptions."""
+        """The ranking settings as rank.RankOptions.
+
+        Raises:
+            ValueError: A ranking setting is unusable.
+        """
         from .rank import RankOptions
 
-        return RankOptions(
-            aggregation=self.aggregation, lexical_weight=self.lexical_weight, knn=self.knn,
+        opts = RankOptions(
+            aggregation=self.aggregation, top_rows=self.top_rows, knn=self.knn,
+            knn_temperature=self.knn_temperature, fusion=self.fusion,
+            lexical_weight=self.lexical_weight, confidence=self.confidence,
             margin_weight=self.margin_weight,
         )
+        opts.check()
+        return opts
 
     def threshold_for(self, knowledge_base: str) -> float:
         """Confidence threshold of one knowledge base."""

@@ -249,18 +249,3 @@ def _reading_order(found: list[tuple[float, float, float, str, float]]) -> list[
         for row in rows
         for left, top, _, text, conf in sorted(row, key=lambda f: f[0])
     ]
-
-
-MIN_SENTENCE_WORDS = 3  # app chrome (buttons, titles, clocks) reads as 1-2 words
-
-
-def question_text(lines: Sequence[TextLine]) -> str:
-    """The text to search for a screenshot: its sentence-like lines when it has any.
-
-    Screenshots carry chrome around the customer's problem ("Cancel", "Send feedback",
-    "12:41", the app name); those lines pull the query towards unrelated entries. Lines of at
-    least MIN_SENTENCE_WORDS words are kept when present, otherwise every line (a label or a
-    receipt may hold only short lines).
-    """
-    sentences = [ln for ln in lines if len(ln.text.split()) >= MIN_SENTENCE_WORDS]
-    return joined_text(sentences or lines)

@@ -459,13 +459,13 @@ class Pipeline:
             )
             timings.decode_us += _us(t0)
             if self.reader is not None:
-                from .ocr import question_text
+                from .ocr import joined_text
 
                 t0 = time.perf_counter()
                 lines = await self._submit("ocr", image, req.timeout)
                 timings.read_us += _us(t0)
                 yield ImageText(tuple((ln.text, float(ln.confidence)) for ln in lines))
-                read = question_text(lines)
+                read = joined_text(lines)
                 if read.strip():
                     queries.append(_Query(read[: s.max_text_chars], (READ,)))
             if self.image_encoder is not None:

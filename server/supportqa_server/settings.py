@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     threshold: float = 0.5  # default confidence below which the answer is NoAnswer
     thresholds: dict[str, float] = Field(default_factory=dict)  # per knowledge base
     lexical: bool = True  # keep a BM25 index (needed for lexical_weight > 0)
-    aggregation: str = "max"  # rows -> entry score: max | mean_top | knn (see rank.RankOptions)
+    aggregation: str = "mean_top"  # rows -> entry score: max | mean_top | knn; mean_top won on dev
     top_rows: int = 2  # rows averaged by mean_top (aggregation and confidence)
     knn: int = 10  # neighbours voting when aggregation is knn
     knn_temperature: float = 0.05  # softmax temperature of the kNN vote, cosine units

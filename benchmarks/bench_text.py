@@ -231,7 +231,8 @@ def main() -> int:
             f"| c=32 QPS >= 3x batching off | {on32['rps'] / off32['rps']:.2f}x |",
             f"| c=32 QPS >= 0.7x encoder ceiling ({best:.0f}/s at batch {best_bs}) | "
             f"{on32['rps'] / best:.2f}x |",
-            f"| c=32 p99 <= 3x p50 | {on32['latency_ms']['p99'] / on32['latency_ms']['p50']:.2f}x |",
+            f"| c=32 p99 <= 3x p50 | "
+            f"{on32['latency_ms']['p99'] / on32['latency_ms']['p50']:.2f}x |",
         ]
     lines += [
         f"| c=1 p50 <= 1.3x (encoder one sentence + search) = {floor:.1f} ms | {c1:.1f} ms = "

@@ -1,4 +1,4 @@
-"""Generates the committed Python code from protos/ (the one codegen command; pinned grpcio-tools)."""
+"""Generates the committed Python code from protos/: the one codegen command."""
 
 from __future__ import annotations
 

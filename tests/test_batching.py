@@ -1,4 +1,4 @@
-"""The micro-batcher's grouping, bound, back-pressure and cancellation, without timing assertions."""
+"""The micro-batcher's grouping, bound, back-pressure and cancellation; no timing asserts."""
 
 from __future__ import annotations
 

@@ -6,12 +6,11 @@ import io
 
 import grpc
 import pytest
+from conftest import SAMPLE_KB
 from PIL import Image, ImageDraw, ImageFont
 from supportqa.client import AsyncSupportClient, SupportQAError
 from supportqa.knowledge_file import read_entries
 from supportqa.v1 import supportqa_pb2 as pb
-
-from conftest import SAMPLE_KB
 
 pytestmark = pytest.mark.slow
 

@@ -58,3 +58,15 @@ def test_knowledge_file_errors_name_the_line(tmp_path):
     bad.write_text('{"id": "a", "answr": "typo"}\n')
     with pytest.raises(KnowledgeFileError, match="unknown field"):
         list(read_entries(bad))
+
+
+def test_ruff_is_clean():
+    import sys
+
+    beside = Path(sys.executable).parent / "ruff"
+    ruff = str(beside) if beside.exists() else shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff not found: it comes with the dev extra")
+    dirs = [str(ROOT / d) for d in ("clients", "server", "tests", "benchmarks", "scripts")]
+    r = subprocess.run([ruff, "check", *dirs], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr

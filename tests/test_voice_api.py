@@ -10,11 +10,10 @@ import grpc
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import SAMPLE_KB
 from supportqa.client import AsyncSupportClient, SupportQAError
 from supportqa.knowledge_file import read_entries
 from supportqa.v1 import supportqa_pb2 as pb
-
-from conftest import SAMPLE_KB
 
 pytestmark = pytest.mark.slow
 

@@ -36,7 +36,9 @@ class SupportQAError(Exception):
         summary: For a failed upsert, the partial UpsertSummary (what was written, what failed).
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str, summary: pb.UpsertSummary | None = None):
+    def __init__(
+        self, code: grpc.StatusCode, details: str, summary: pb.UpsertSummary | None = None
+    ):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gRPC server (settings: SUPPORTQA_* env vars)")
     serve.add_argument("--host", default=None, help="bind address (SUPPORTQA_HOST)")
     serve.add_argument("--port", type=int, default=None, help="port, 0 = any (SUPPORTQA_PORT)")
-    serve.add_argument("--data-dir", default=None, help="Milvus Lite and caches (SUPPORTQA_DATA_DIR)")
+    serve.add_argument("--data-dir", default=None, help="Milvus Lite dir (SUPPORTQA_DATA_DIR)")
     serve.add_argument("--ingest", action="append", default=[], metavar="PATH",
                        help="JSONL knowledge base to load at start-up (repeatable)")
     try:

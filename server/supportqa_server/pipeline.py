@@ -1,4 +1,4 @@
-"""A question's trip: decode -> transcribe / read / embed -> search -> rank -> answer. No gRPC here."""
+"""A question's trip: decode, transcribe / read / embed, search, rank, answer. No gRPC."""
 
 from __future__ import annotations
 

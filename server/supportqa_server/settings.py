@@ -1,4 +1,4 @@
-"""Process settings: typed, from SUPPORTQA_* environment variables or an optional .env-style file."""
+"""Process settings: typed, from SUPPORTQA_* environment variables or an optional file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The knowledge base in Milvus: one row per entry text, versioned so readers never see half an entry.
+"""The knowledge base in Milvus: a row per entry text, versioned so no reader sees half an entry.
 
 Layout per knowledge base NAME (a collection pair, so knowledge bases are isolated and can be
 dropped on their own):
@@ -195,9 +195,17 @@ class KnowledgeStore:
             for r in batch:
                 state.committed[r["entry_id"]] = (int(r["version"]), EntryData.from_json(r["doc"]))
         it.close()
+        for collection in (_rows_name(kb), _images_name(kb) if self.image_dim else None):
+            if collection:
+                self._drop_dead_rows(collection, state)
+        self._kbs[kb] = state
+
+    def _drop_dead_rows(self, collection: str, state: _KB) -> None:
+        """Deletes rows whose version is not their entry's committed one (unfinished writes)."""
+        c = self.client
         dead: list[str] = []
         it = c.query_iterator(
-            _rows_name(kb), batch_size=1000, filter="version >= 0",
+            collection, batch_size=1000, filter="version >= 0",
             output_fields=["pk", "entry_id", "version"],
         )
         while batch := it.next():
@@ -207,28 +215,9 @@ class KnowledgeStore:
                     dead.append(r["pk"])
         it.close()
         if dead:
-            log.warning("knowledge base %s: removing %d rows of unfinished writes", kb, len(dead))
-            for i in range(0, len(dead), INSERT_BATCH):
-                c.delete(_rows_name(kb), ids=dead[i : i + INSERT_BATCH])
-        if self.image_dim:
-            self._drop_dead_images(kb, state)
-        self._kbs[kb] = state
-
-    def _drop_dead_images(self, kb: str, state: _KB) -> None:
-        c = self.client
-        dead = []
-        it = c.query_iterator(
-            _images_name(kb), batch_size=1000, filter="version >= 0",
-            output_fields=["pk", "entry_id", "version"],
-        )
-        while batch := it.next():
-            for r in batch:
-                current = state.committed.get(r["entry_id"])
-                if current is None or current[0] != int(r["version"]):
-                    dead.append(r["pk"])
-        it.close()
+            log.warning("%s: removing %d rows of unfinished writes", collection, len(dead))
         for i in range(0, len(dead), INSERT_BATCH):
-            c.delete(_images_name(kb), ids=dead[i : i + INSERT_BATCH])
+            c.delete(collection, ids=dead[i : i + INSERT_BATCH])
 
     def _create_images(self, kb: str) -> None:
         from pymilvus import DataType, MilvusClient
@@ -493,7 +482,10 @@ class KnowledgeStore:
                 )
                 for i, hits in zip(nonempty, found, strict=True):
                     lex[i] = hits
-        return [(self._live(state, d), self._live(state, x)) for d, x in zip(dense, lex, strict=True)]
+        return [
+            (self._live(state, d), self._live(state, x))
+            for d, x in zip(dense, lex, strict=True)
+        ]
 
     @staticmethod
     def _live(state: _KB, hits) -> list[RowHit]:

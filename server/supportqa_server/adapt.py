@@ -28,9 +28,9 @@ class AdaptOptions:
     """How the encoder is fine-tuned."""
 
     epochs: int = 1  # passes over every paraphrase
-    batch_entries: int = 32  # distinct entries per batch (their paraphrases are the negatives)
+    batch_entries: int = 64  # distinct entries per batch (their paraphrases are the negatives)
     per_entry: int = 2  # paraphrases of each entry per batch (>= 2: they are the positives)
-    lr: float = 3e-5  # peak AdamW learning rate
+    lr: float = 1e-4  # peak AdamW learning rate
     weight_decay: float = 0.01
     warmup: float = 0.1  # share of the steps with a linear warm-up, then linear decay to 0
     temperature: float = 0.05  # softmax temperature over cosines (MNRL's scale 20)

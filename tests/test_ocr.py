@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
-from supportqa_server.ocr import TextLine, TextReader, _reading_order, joined_text
+from supportqa_server.ocr import (
+    TextLine,
+    TextReader,
+    _reading_order,
+    joined_text,
+    question_text,
+    text_blocks,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -145,6 +152,42 @@ def test_joined_text_normalises():
     ]
     assert joined_text(lines) == "日常价¥\na b"
     assert joined_text([]) == ""
+
+
+def _chat_screenshot_lines() -> list[TextLine]:
+    """Lines as the reader returns them for a chat screenshot: title, a wrapped bubble, clock."""
+    return [
+        TextLine("Customer care", 1.0, 20, 10, 30),  # window title: taller font
+        TextLine("I have a transfer that is still", 1.0, 40, 80, 22),
+        TextLine("pending, can you check?", 1.0, 40, 106, 20),  # wrapped: 4 px gap
+        TextLine("19:48", 1.0, 300, 150, 14),  # clock under the bubble
+        TextLine("Cancel", 1.0, 40, 200, 22),  # buttons, one row, far below
+        TextLine("Send", 1.0, 200, 200, 22),
+    ]
+
+
+def test_text_blocks_split_by_gap_height_and_row():
+    blocks = text_blocks(_chat_screenshot_lines())
+    assert [[ln.text for ln in b] for b in blocks] == [
+        ["Customer care"],
+        ["I have a transfer that is still", "pending, can you check?"],
+        ["19:48"],
+        ["Cancel"],
+        ["Send"],
+    ]
+
+
+def test_question_text_keeps_the_largest_block_without_chrome():
+    assert question_text(_chat_screenshot_lines()) == (
+        "I have a transfer that is still\npending, can you check?"
+    )
+    # A long title wins over a short message: the choice is by size, not by position.
+    lines = [TextLine("Your payment could not be completed today", 1.0, 0, 0, 20),
+             TextLine("Retry", 1.0, 0, 60, 20)]
+    assert question_text(lines) == "Your payment could not be completed today"
+    # Clock-only lines never count; lines without heights keep all their text.
+    assert question_text([TextLine("12:05", 1.0, 0, 0, 20)]) == ""
+    assert question_text([TextLine("a b", 1.0, 0, 0), TextLine("Send", 1.0, 0, 50)]) == "a b\nSend"
 
 
 def test_constructor_validates():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import unicodedata
 from collections.abc import Sequence
@@ -33,12 +34,14 @@ class TextLine:
         confidence: Mean per-character probability from the recogniser, 0..1.
         left: x of the line box's left edge, in pixels of the image given to ``read``.
         top: y of the line box's top edge, in pixels of the image given to ``read``.
+        height: the line box's height in pixels (0: unknown).
     """
 
     text: str
     confidence: float
     left: int
     top: int
+    height: int = 0
 
 
 def bundled_model_dir() -> Path:
@@ -230,6 +233,50 @@ def joined_text(lines: Sequence[TextLine]) -> str:
     return "\n".join(out)
 
 
+# A line that is only a clock time or a date: chat timestamps, status bars.
+_CLOCK = re.compile(r"^(\d{1,2}[:.]\d{2}(\s*[ap]\.?m\.?)?|\d{1,2}/\d{1,2}(/\d{2,4})?)$", re.I)
+_WORD_CHAR = re.compile(r"\w")
+
+
+def text_blocks(lines: Sequence[TextLine]) -> list[list[TextLine]]:
+    """Groups lines (in reading order) into blocks: paragraphs, bubbles, titles, buttons.
+
+    A line continues the block above it when it starts a new row, its box is about as tall
+    (within 60%: another font size is another element) and the gap above it is under 0.8 line
+    heights (wrapped lines sit closer than separate elements). Lines with no height start
+    blocks of their own.
+    """
+    blocks: list[list[TextLine]] = []
+    for line in lines:
+        prev = blocks[-1][-1] if blocks else None
+        if prev is not None and prev.height > 0 and line.height > 0:
+            tall, short = max(prev.height, line.height), min(prev.height, line.height)
+            gap = line.top - (prev.top + prev.height)
+            new_row = line.top > prev.top + prev.height / 2
+            if new_row and tall <= 1.6 * short and gap < 0.8 * tall:
+                blocks[-1].append(line)
+                continue
+        blocks.append([line])
+    return blocks
+
+
+def question_text(lines: Sequence[TextLine]) -> str:
+    """The text of a screenshot that is most likely the question, for the text encoder.
+
+    Screenshots carry chrome around the question: a window title, buttons, a clock. Those
+    words pull the question's embedding towards every entry that mentions "support" or
+    "send", so only the block with the most word characters is kept (``text_blocks``), after
+    dropping lines that are only a time or a date. Pictures whose lines have no heights keep
+    all their text.
+    """
+    kept = [ln for ln in lines if not _CLOCK.match(ln.text.strip())]
+    if not kept or any(ln.height <= 0 for ln in kept):
+        return joined_text(kept)
+    blocks = text_blocks(kept)
+    best = max(blocks, key=lambda b: sum(len(_WORD_CHAR.findall(ln.text)) for ln in b))
+    return joined_text(best)
+
+
 def _reading_order(found: list[tuple[float, float, float, str, float]]) -> list[TextLine]:
     """Sorts (left, top, bottom, text, confidence) boxes into rows, then rows into lines.
 
@@ -245,7 +292,8 @@ def _reading_order(found: list[tuple[float, float, float, str, float]]) -> list[
         else:
             rows.append([item])
     return [
-        TextLine(text=text, confidence=conf, left=round(left), top=round(top))
+        TextLine(text=text, confidence=conf, left=round(left), top=round(top),
+                 height=round(bottom - top))
         for row in rows
-        for left, top, _, text, conf in sorted(row, key=lambda f: f[0])
+        for left, top, bottom, text, conf in sorted(row, key=lambda f: f[0])
     ]

@@ -150,6 +150,7 @@ class _Query:
 
     text: str
     routes: tuple[str, ...] = ()
+    weight: float = 1.0  # share in the fusion of the question's lists
 
 
 @dataclass
@@ -459,15 +460,19 @@ class Pipeline:
             )
             timings.decode_us += _us(t0)
             if self.reader is not None:
-                from .ocr import joined_text
+                from .ocr import joined_text, question_text
 
                 t0 = time.perf_counter()
                 lines = await self._submit("ocr", image, req.timeout)
                 timings.read_us += _us(t0)
                 yield ImageText(tuple((ln.text, float(ln.confidence)) for ln in lines))
-                read = joined_text(lines)
+                # The question's block leads; all the text read (titles, error codes in
+                # headers) joins at half weight. Image eval: docs/evaluation.md.
+                read, every = question_text(lines), joined_text(lines)
                 if read.strip():
                     queries.append(_Query(read[: s.max_text_chars], (READ,)))
+                if every.strip() and every != read:
+                    queries.append(_Query(every[: s.max_text_chars], (READ,), 0.5))
             if self.image_encoder is not None:
                 t0 = time.perf_counter()
                 see_vector = await self._submit("image encoder", image, req.timeout)
@@ -485,10 +490,11 @@ class Pipeline:
             yield Done(timings)
             return
         lists = await asyncio.gather(*(self._ranked(req, q, timings) for q in queries))
+        weighted = [(q.weight, r) for q, r in zip(queries, lists, strict=True)]
         if see_vector is not None:
-            lists.append(await self._ranked_see(req, see_vector, timings))
+            weighted.append((1.0, await self._ranked_see(req, see_vector, timings)))
         t0 = time.perf_counter()
-        ranked = lists[0] if len(lists) == 1 else fuse_lists([(1.0, r) for r in lists])
+        ranked = weighted[0][1] if len(weighted) == 1 else fuse_lists(weighted)
         events = self._answers(req, ranked, threshold)
         timings.rank_us += _us(t0)
         for ev in events:

@@ -116,6 +116,30 @@ def test_batched_equals_one_by_one(recognizer, speechbrain, jfk):
     assert [t.text for t in together] == [t.text for t in alone]
 
 
+def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, monkeypatch):
+    """The decoder reading each silence prior once per batch hears what it hears over all 1500
+    positions per row; and it does run: the decoder sees only the clips' positions."""
+    clips = [*speechbrain[0][:6], jfk]  # 2-3 s and 11 s: clip parts of 200 and 600 positions
+    tiny.shared_prior = False
+    try:
+        full = tiny.transcribe_batch(clips)
+    finally:
+        tiny.shared_prior = True
+    widths: list[int] = []
+    decode = tiny._shared_prior_decode
+
+    def spy(features, row_priors, n_clip, options):
+        widths.append(n_clip)
+        return decode(features, row_priors, n_clip, options)
+
+    monkeypatch.setattr(tiny, "_shared_prior_decode", spy)
+    shared = tiny.transcribe_batch(clips)
+    assert [t.text for t in shared] == [t.text for t in full]
+    assert widths == [600]  # the 11-s clip's 12 s of mel frames / 2, not 1500
+    # uninstalled after the call
+    assert all("qkv_attention" not in vars(b.cross_attn) for b in tiny.model.decoder.blocks)
+
+
 def test_trim_encodes_only_the_speech_sent(tiny, speechbrain, monkeypatch):
     seen: list[int] = []  # mel frames entering the encoder, call by call
     embed = tiny.model.encoder._embed

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import whisper
 from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from whisper.decoding import DecodingTask
 from whisper.model import AudioEncoder, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
 
@@ -47,6 +48,7 @@ class _SilencePrior:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, self-attention K and V: (1500, D)
     features: torch.Tensor  # encoder output: (1500, D)
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # decoder's, filled lazily
 
 
 class _TrimmableAudioEncoder(AudioEncoder):
@@ -110,6 +112,68 @@ class _TrimmableAudioEncoder(AudioEncoder):
         return self.ln_post(x)
 
 
+class _FeaturesTask(DecodingTask):
+    """whisper's decoding task fed encoder outputs of any length (stock: 1500 or a mel)."""
+
+    def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
+        return mel
+
+    def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor):
+        # whisper.detect_language re-encodes inputs that are not (1500, D) long: say they are.
+        dims = self.model.dims
+        self.model.dims = dataclasses.replace(dims, n_audio_ctx=audio_features.shape[-2])
+        try:
+            return super()._detect_language(audio_features, tokens)
+        finally:
+            self.model.dims = dims
+
+
+class _SharedPriorCrossAttention:
+    """Decoder cross-attention over a clip's own positions plus its silence prior's, shared.
+
+    Trimmed, a clip's 1500 encoder positions are its own ~100-300 followed by its silence
+    prior's; in a batch every row would carry (and each decoding step read) its own copy of
+    those prior keys and values, 8 x ~1300 x D per layer and step. Here ``k``/``v`` hold
+    only the clips' positions (up to the longest clip's; shorter rows are filled with their
+    prior's outputs, as the 1500-position form has them) and each distinct prior's keys and
+    values past that point are read once for the rows that use it. Softmax over both parts is
+    exact attention over the same 1500 positions, summed in another order.
+
+    Installed on a decoder block's ``cross_attn`` as the instance's ``qkv_attention`` for one
+    decoding call (greedy only: beam search regroups rows).
+    """
+
+    def __init__(self, n_head: int, priors: list[tuple[torch.Tensor, torch.Tensor]],
+                 rows: list[list[int]]) -> None:
+        self.n_head = n_head
+        self.priors = priors  # per distinct prior: keys, values past the clip part, (L, D)
+        self.rows = rows  # per distinct prior: the batch rows that use it
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
+        n_batch, n_tok, n_state = q.shape
+        h, d = self.n_head, n_state // self.n_head
+        scale = d**-0.5
+        qh = q.view(n_batch, n_tok, h, d).permute(0, 2, 1, 3)  # (B, H, T, d)
+        kh = k.view(n_batch, -1, h, d).permute(0, 2, 1, 3)  # (B, H, C, d)
+        vh = v.view(n_batch, -1, h, d).permute(0, 2, 1, 3)
+        s_clip = (qh @ kh.transpose(-1, -2)).float() * scale  # (B, H, T, C)
+        out = torch.empty_like(qh)
+        for (kp, vp), rows in zip(self.priors, self.rows, strict=True):
+            idx = torch.tensor(rows, device=q.device)
+            kph = kp.view(-1, h, d).permute(1, 0, 2)  # (H, L, d)
+            vph = vp.view(-1, h, d).permute(1, 0, 2)
+            n = len(rows)
+            q2 = qh[idx].permute(1, 0, 2, 3).reshape(h, n * n_tok, d)  # (H, n*T, d)
+            s_prior = (q2 @ kph.transpose(-1, -2)).float() * scale  # (H, n*T, L): prior read once
+            s_prior = s_prior.view(h, n, n_tok, -1).permute(1, 0, 2, 3)  # (n, H, T, L)
+            w = torch.cat([s_clip[idx], s_prior], dim=-1).softmax(dim=-1).to(q.dtype)
+            c = s_clip.shape[-1]
+            w_prior = w[..., c:].permute(1, 0, 2, 3).reshape(h, n * n_tok, -1)
+            part = (w_prior @ vph).view(h, n, n_tok, d).permute(1, 0, 2, 3)
+            out[idx] = w[..., :c] @ vh[idx] + part
+        return out.permute(0, 2, 1, 3).flatten(start_dim=2), None
+
+
 def _device_name(device: str) -> str:
     try:
         return str(torch.device(device))
@@ -169,6 +233,8 @@ class SpeechRecognizer:
             fp16=self._fp16,
         )
         self._priors: dict[float, _SilencePrior] = {}
+        # Decode trimmed batches with the priors' cross-attention shared (same transcripts).
+        self.shared_prior = True
 
     @property
     def model_name(self) -> str:
@@ -223,8 +289,11 @@ class SpeechRecognizer:
             self._priors[key] = self.model.encoder.silence_prior(mel.to(self._device))
         return self._priors[key]
 
-    def _encode(self, clips: list[np.ndarray]) -> torch.Tensor:
-        """Encoder output for 30-s windows: (B, 1500, n_audio_state).
+    def _encode(
+        self, clips: list[np.ndarray]
+    ) -> tuple[torch.Tensor, list[_SilencePrior | None], int]:
+        """Encoder output for 30-s windows, (B, 1500, n_audio_state), with each row's silence
+        prior (None for an untrimmed row) and the longest clip part's length in positions.
 
         Untrimmed, one encoder call takes the whole batch. Trimmed, one call per length
         bucket (clips rounded up to TRIM_STEP_FRAMES), so no clip pays for a longer one and a
@@ -232,9 +301,12 @@ class SpeechRecognizer:
         """
         mels = [self._mel(c) for c in clips]
         if not self.trim_audio:
-            return self.model.encoder(torch.stack(mels).to(self._device, self._dtype))
+            features = self.model.encoder(torch.stack(mels).to(self._device, self._dtype))
+            return features, [None] * len(clips), features.shape[1]
         frames = [self._n_frames(len(c)) for c in clips]
         out: list[torch.Tensor] = [torch.empty(0)] * len(clips)
+        row_priors: list[_SilencePrior | None] = [None] * len(clips)
+        n_clip = 0
         for n in sorted(set(frames)):
             idx = [i for i, f in enumerate(frames) if f == n]
             mel = torch.stack([mels[i][:, :n] for i in idx]).to(self._device, self._dtype)
@@ -242,21 +314,55 @@ class SpeechRecognizer:
                 features = self.model.encoder(mel)
                 for row, i in enumerate(idx):
                     out[i] = features[row]
+                n_clip = features.shape[1]
                 continue
             priors = [self._prior(float(mels[i][:, -1].mean())) for i in idx]  # padding level
             features = self.model.encoder.forward_with_prior(mel, priors)  # (b, n / 2, D)
             n_ctx = features.shape[1]
+            n_clip = max(n_clip, n_ctx)
             for row, (i, prior) in enumerate(zip(idx, priors, strict=True)):
                 out[i] = torch.cat([features[row], prior.features[n_ctx:]])
-        return torch.stack(out)
+                row_priors[i] = prior
+        return torch.stack(out), row_priors, n_clip
+
+    def _prior_cross_kv(self, prior: _SilencePrior) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer, cross-attention keys and values of a prior's 1500 outputs."""
+        if prior.cross_kv is None:
+            kv = []
+            for block in self.model.decoder.blocks:
+                attn = block.cross_attn
+                kv.append((attn.key(prior.features), attn.value(prior.features)))
+            object.__setattr__(prior, "cross_kv", kv)
+        return prior.cross_kv
+
+    def _shared_prior_decode(self, features, row_priors, n_clip, options):
+        """whisper.decode with the clips' positions only and each prior's read once a step."""
+        distinct: dict[int, tuple[_SilencePrior, list[int]]] = {}
+        for row, prior in enumerate(row_priors):
+            distinct.setdefault(id(prior), (prior, []))[1].append(row)
+        blocks = self.model.decoder.blocks
+        try:
+            for layer, block in enumerate(blocks):
+                parts = [(self._prior_cross_kv(p)[layer][0][n_clip:],
+                          self._prior_cross_kv(p)[layer][1][n_clip:]) for p, _ in distinct.values()]
+                block.cross_attn.qkv_attention = _SharedPriorCrossAttention(
+                    block.cross_attn.n_head, parts, [rows for _, rows in distinct.values()]
+                )
+            return _FeaturesTask(self.model, options).run(features[:, :n_clip].contiguous())
+        finally:
+            for block in blocks:
+                block.cross_attn.__dict__.pop("qkv_attention", None)
 
     @torch.inference_mode()
     def _decode_window(self, clips: list[np.ndarray], language: str | None) -> list[Transcription]:
         """Decodes clips of at most 30 s together: batched encoding, one decoding loop."""
-        features = self._encode(clips)
+        features, row_priors, n_clip = self._encode(clips)
         budgets = [self._token_budget(len(c)) for c in clips]
         options = dataclasses.replace(self._options, language=language, sample_len=max(budgets))
-        results = whisper.decode(self.model, features, options)
+        if self.shared_prior and options.beam_size is None and all(row_priors):
+            results = self._shared_prior_decode(features, row_priors, n_clip, options)
+        else:
+            results = whisper.decode(self.model, features, options)
         out = []
         for r, budget in zip(results, budgets, strict=True):
             text = r.text

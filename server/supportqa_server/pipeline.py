@@ -25,6 +25,11 @@ MAX_TOP_K = 50
 DEFAULT_TOP_K = 5
 ROWS_PER_ANSWER = 40  # rows fetched per requested answer: an entry owns several rows
 MIN_ROWS = 200  # rows fetched at least, so aggregation sees every paraphrase of the leaders
+# BM25 rows per question: fusion only needs the leaders' best BM25 row. Same dev scores as 200
+# (BANKING77 0.919, CLINC150 0.915 @ NA recall 0.70) at a quarter of the hits pymilvus parses
+# in Python, the store's main CPU cost under load (docs/benchmarks.md).
+LEXICAL_ROWS = 50
+ENCODE_CHUNK = 16  # questions per encoder forward pass within one batch, on CPU
 MAX_QUESTIONS = 200  # paraphrases per entry
 MAX_ID_CHARS = 256
 _KB_RE = re.compile(KB_NAME_PATTERN)
@@ -324,7 +329,11 @@ class Pipeline:
 
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         assert self.encoder is not None
-        return list(self.encoder.encode(texts))
+        # On CPU, length-sorted chunks of 16: less padding than one pass over the whole batch
+        # (2 cores: 275 sentences/s at batch 8-16, 204/s at 64; docs/bench_text.md). A GPU
+        # takes the whole batch in one pass.
+        chunk = ENCODE_CHUNK if self.device == "cpu" else max(1, len(texts))
+        return list(self.encoder.encode_sorted(texts, batch_size=chunk))
 
     def _transcribe_batch(self, items: list[tuple[np.ndarray, str]]) -> list:
         assert self.speech is not None
@@ -360,7 +369,7 @@ class Pipeline:
                 found = self.store.search(
                     kb, np.stack([items[i].vector for i in idx]), [items[i].text for i in idx],
                     limit=limit, locale=locale, tags=tags,
-                    lexical=self.rank_options.lexical_weight > 0,
+                    lexical=self.rank_options.lexical_weight > 0, lexical_limit=LEXICAL_ROWS,
                 )
             except Exception as e:  # noqa: BLE001 - one group's failure is its callers' alone
                 found = [e] * len(idx)

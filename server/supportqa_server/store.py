@@ -444,6 +444,7 @@ class KnowledgeStore:
         locale: str = "",
         tags: Sequence[str] = (),
         lexical: bool = True,
+        lexical_limit: int | None = None,
     ) -> list[tuple[list[RowHit], list[RowHit]]]:
         """Searches several questions in one call per route.
 
@@ -451,6 +452,7 @@ class KnowledgeStore:
             vectors: (nq, dim) unit question vectors.
             texts: nq question texts for the BM25 route.
             limit: Rows per question and route.
+            lexical_limit: Rows per question for the BM25 route, when fewer than ``limit``.
 
         Returns:
             Per question, (dense hits, lexical hits), best first, stale rows removed.
@@ -477,7 +479,7 @@ class KnowledgeStore:
             if nonempty:
                 found = c.search(
                     _rows_name(kb), data=[texts[i] for i in nonempty], anns_field="sparse",
-                    limit=limit, filter=expr, output_fields=fields,
+                    limit=min(limit, lexical_limit or limit), filter=expr, output_fields=fields,
                     search_params={"metric_type": "BM25"},
                 )
                 for i, hits in zip(nonempty, found, strict=True):

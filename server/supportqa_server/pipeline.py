@@ -302,7 +302,7 @@ class Pipeline:
         batcher("search", self._search_batch, self._store_exec, s.max_batch, 0.0)
         if self.speech is not None:
             batcher("speech", self._transcribe_batch, self._speech_exec,
-                    s.speech_max_batch, s.max_wait_ms)
+                    s.speech_max_batch, s.speech_max_wait_ms)
         if self.reader is not None:
             batcher("ocr", self._read_batch, self._ocr_exec, s.ocr_max_batch, 0.0)
         if self.image_encoder is not None:

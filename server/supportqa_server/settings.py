@@ -66,9 +66,15 @@ class Settings(BaseSettings):
 
     # Concurrency
     max_batch: int = 64  # questions per encoder call; 1 turns batching off
-    max_wait_ms: float = 2.0  # how long a batch waits to fill once its first item arrives
+    # How long a text/CLIP batch waits to fill once its first item arrives. 0: under load,
+    # batches fill with what queued while the model ran; a lone question is not held back
+    # (2 ms cost 3 ms of p50 at concurrency 1 and gained nothing at 32: docs/bench_text.md).
+    max_wait_ms: float = 0.0
     max_queue: int = 512  # queued items per model; beyond it RESOURCE_EXHAUSTED
     speech_max_batch: int = 8  # clips per Whisper call
+    # A Whisper call takes ~100-400 ms: waiting a little for more clips costs less than
+    # running a half-empty batch (docs/bench_server_voice.md).
+    speech_max_wait_ms: float = 20.0
     ocr_max_batch: int = 4  # images per OCR call
     partial_seconds: float = 2.0  # Converse: a partial transcript per this much new audio
     torch_threads: int = 0  # intra-op threads; 0: all cores

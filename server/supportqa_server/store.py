@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -150,6 +151,9 @@ class KnowledgeStore:
         self._create_lock = threading.Lock()
         self._last_version = 0
         self._client = None
+        # The BM25 route's searches run here, beside the dense one on the caller's thread: a
+        # lone question waits for the slower route, not for both (docs/bench_text.md).
+        self._routes = ThreadPoolExecutor(2, thread_name_prefix="store-bm25")
 
     def open(self) -> None:
         """Connects, loads every knowledge base's committed entries, removes dead rows."""
@@ -168,6 +172,7 @@ class KnowledgeStore:
                     self._load(kb)
 
     def close(self) -> None:
+        self._routes.shutdown(wait=False)
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -469,21 +474,22 @@ class KnowledgeStore:
         limit = min(limit, MAX_SEARCH_LIMIT)
         fields: list[str] = []  # the primary key "id\x1fversion\x1findex" says it all
         c = self.client
+        lex: list = [[] for _ in texts]
+        nonempty = [i for i, t in enumerate(texts) if t.strip()] if lexical and self.lexical else []
+        lexical_search = None
+        if nonempty:
+            lexical_search = self._routes.submit(
+                c.search, _rows_name(kb), data=[texts[i] for i in nonempty], anns_field="sparse",
+                limit=min(limit, lexical_limit or limit), filter=expr, output_fields=fields,
+                search_params={"metric_type": "BM25"},
+            )
         dense = c.search(
             _rows_name(kb), data=[v.tolist() for v in vectors], anns_field="vector",
             limit=limit, filter=expr, output_fields=fields, search_params={"metric_type": "IP"},
         )
-        lex: list = [[] for _ in texts]
-        if lexical and self.lexical:
-            nonempty = [i for i, t in enumerate(texts) if t.strip()]
-            if nonempty:
-                found = c.search(
-                    _rows_name(kb), data=[texts[i] for i in nonempty], anns_field="sparse",
-                    limit=min(limit, lexical_limit or limit), filter=expr, output_fields=fields,
-                    search_params={"metric_type": "BM25"},
-                )
-                for i, hits in zip(nonempty, found, strict=True):
-                    lex[i] = hits
+        if lexical_search is not None:
+            for i, hits in zip(nonempty, lexical_search.result(), strict=True):
+                lex[i] = hits
         return [
             (self._live(state, d), self._live(state, x))
             for d, x in zip(dense, lex, strict=True)

@@ -140,6 +140,20 @@ def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, mo
     assert all("qkv_attention" not in vars(b.cross_attn) for b in tiny.model.decoder.blocks)
 
 
+def test_beam_search_over_a_batch(tiny, speechbrain):
+    """openai-whisper's beam search fails on batches; ours decodes the clips' beams one by one."""
+    clips = speechbrain[0][:2]
+    greedy = tiny._options
+    tiny._options = dataclasses.replace(greedy, beam_size=2)
+    try:
+        together = tiny.transcribe_batch(clips)
+        alone = [tiny.transcribe(c) for c in clips]
+    finally:
+        tiny._options = greedy
+    assert [t.text for t in together] == [t.text for t in alone]
+    assert all(t.text for t in together)
+
+
 def test_trim_encodes_only_the_speech_sent(tiny, speechbrain, monkeypatch):
     seen: list[int] = []  # mel frames entering the encoder, call by call
     embed = tiny.model.encoder._embed

@@ -256,7 +256,8 @@ class Pipeline:
 
         t0 = time.perf_counter()
         self.speech = SpeechRecognizer(
-            s.speech_model, self.device, cache_dir=s.cache_dir, trim_audio=s.speech_trim
+            s.speech_model, self.device, cache_dir=s.cache_dir, trim_audio=s.speech_trim,
+            beam_size=s.speech_beam_size or None,
         )
         log.info("speech %s in %.1f s", s.speech_model, time.perf_counter() - t0)
         self.components.append(Component("speech", s.speech_model, self.device))

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     text_model: str = ""  # HF path or id; empty: bundled all-MiniLM-L6-v2
     speech_model: str = "tiny.en"  # tiny.en | base | any openai-whisper name or .pt path; "" off
     speech_trim: bool = True  # encode only the speech sent, not 30 s of padding
+    # Beams for Whisper's beam search; 0: greedy (fastest). 5 hears more words right on
+    # robotic or noisy speech at ~2.8x the decoding time (docs/evaluation.md).
+    speech_beam_size: int = Field(0, ge=0, le=16)
     clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off
     ocr: bool = True  # read text from images with rapidocr
     preload: bool = True  # load every configured model before reporting SERVING

@@ -361,6 +361,11 @@ class SpeechRecognizer:
         options = dataclasses.replace(self._options, language=language, sample_len=max(budgets))
         if self.shared_prior and options.beam_size is None and all(row_priors):
             results = self._shared_prior_decode(features, row_priors, n_clip, options)
+        elif options.beam_size is not None and len(clips) > 1:
+            # openai-whisper 20250625 repeats the tokens per beam but not the audio features,
+            # so beam search over a batch of clips fails: the beams decode one clip at a time.
+            results = [whisper.decode(self.model, features[i : i + 1], options)[0]
+                       for i in range(len(clips))]
         else:
             results = whisper.decode(self.model, features, options)
         out = []

@@ -45,7 +45,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_text.py
-	$(BIN)/python benchmarks/bench_server_voice.py
+	$(BIN)/python benchmarks/bench_server_voice.py --rounds 6
 	$(BIN)/python benchmarks/bench_whisper.py > docs/bench_voice.md
 	$(BIN)/python benchmarks/bench_ocr.py > docs/bench_ocr.md
 	$(BIN)/python benchmarks/collect.py

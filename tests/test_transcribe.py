@@ -12,9 +12,6 @@ import pytest
 from supportqa_server.audio import decode_audio
 from supportqa_server.errors import InvalidInput
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SPEECH = DATA / "speech"
-
 # speechbrain's transcripts.tsv is not what is said in 4 of its 10 clips: "TUE" (two), "WORE"
 # (war), "TEAR THIN SHEEP FROM THE OTHER PAT" (a thin sheet from the yellow pad), and
 # spk2_snt5.wav says "jump the fence and hurry up the bank", not "KEN PAIRS LACK FULL FLAVOR".
@@ -45,10 +42,8 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 
 @pytest.fixture(scope="module")
-def speech_dir() -> Path:
-    if not SPEECH.is_dir():
-        pytest.skip(f"shared speech data not found at {SPEECH}")
-    return SPEECH
+def speech_dir(shared_data: Path) -> Path:
+    return shared_data / "speech"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ TRIM_MARGIN_FRAMES = 100  # mel frames (1 s) of padding encoded after a clip
 TRIM_MIN_FRAMES = 200  # mel frames (2 s) encoded at least
 # A clip's padding frames sit at (its max log-mel - 4) / 4: about -1.0..-0.5 for speech. The
 # silence prior is encoded lazily per level on this grid, clamped to its range, and the nearest
-# one is used: at most 4 priors, ~20 MB each for tiny.en, ~40 MB for base (fp32).
+# one is used: at most 4 priors, ~40 MB each for tiny.en, ~75 MB for base (fp32), encoder and
+# decoder cross-attention keys and values together.
 PRIOR_LEVEL_STEP = 0.5
 PRIOR_LEVEL_RANGE = (-1.5, 0.0)
 MAX_TOKENS_BASE = 32  # token budget of a clip: this plus MAX_TOKENS_PER_SECOND per second
@@ -48,7 +49,9 @@ class _SilencePrior:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, self-attention K and V: (1500, D)
     features: torch.Tensor  # encoder output: (1500, D)
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # decoder's, filled lazily
+    # per decoder layer, cross-attention K and V of ``features``: (1500, D); set by
+    # SpeechRecognizer._prior
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 class _TrimmableAudioEncoder(AudioEncoder):
@@ -286,7 +289,10 @@ class SpeechRecognizer:
         key = round(round(min(max(level, lo), hi) / PRIOR_LEVEL_STEP) * PRIOR_LEVEL_STEP, 2)
         if key not in self._priors:
             mel = torch.full((1, self.model.dims.n_mels, N_FRAMES), key, dtype=self._dtype)
-            self._priors[key] = self.model.encoder.silence_prior(mel.to(self._device))
+            prior = self.model.encoder.silence_prior(mel.to(self._device))
+            cross = [(b.cross_attn.key(prior.features), b.cross_attn.value(prior.features))
+                     for b in self.model.decoder.blocks]
+            self._priors[key] = dataclasses.replace(prior, cross_kv=cross)
         return self._priors[key]
 
     def _encode(
@@ -325,16 +331,6 @@ class SpeechRecognizer:
                 row_priors[i] = prior
         return torch.stack(out), row_priors, n_clip
 
-    def _prior_cross_kv(self, prior: _SilencePrior) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per decoder layer, cross-attention keys and values of a prior's 1500 outputs."""
-        if prior.cross_kv is None:
-            kv = []
-            for block in self.model.decoder.blocks:
-                attn = block.cross_attn
-                kv.append((attn.key(prior.features), attn.value(prior.features)))
-            object.__setattr__(prior, "cross_kv", kv)
-        return prior.cross_kv
-
     def _shared_prior_decode(self, features, row_priors, n_clip, options):
         """whisper.decode with the clips' positions only and each prior's read once a step."""
         distinct: dict[int, tuple[_SilencePrior, list[int]]] = {}
@@ -343,8 +339,8 @@ class SpeechRecognizer:
         blocks = self.model.decoder.blocks
         try:
             for layer, block in enumerate(blocks):
-                parts = [(self._prior_cross_kv(p)[layer][0][n_clip:],
-                          self._prior_cross_kv(p)[layer][1][n_clip:]) for p, _ in distinct.values()]
+                parts = [(p.cross_kv[layer][0][n_clip:], p.cross_kv[layer][1][n_clip:])
+                         for p, _ in distinct.values()]
                 block.cross_attn.qkv_attention = _SharedPriorCrossAttention(
                     block.cross_attn.n_head, parts, [rows for _, rows in distinct.values()]
                 )

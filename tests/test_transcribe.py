@@ -78,13 +78,18 @@ def jfk(speech_dir) -> np.ndarray:
     return decode_audio((speech_dir / "jfk" / "jfk.flac").read_bytes())
 
 
-@pytest.fixture(scope="module")
-def speechbrain(speech_dir) -> tuple[list[np.ndarray], list[str]]:
-    folder = speech_dir / "speechbrain"
+def speechbrain_clips(shared_data: Path) -> tuple[list[np.ndarray], list[str]]:
+    folder = shared_data / "speech" / "speechbrain"
     with open(folder / "transcripts.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    clips = [decode_audio((folder / r["file"]).read_bytes()) for r in rows]
-    return clips, [r["transcript"] for r in rows]
+    return [decode_audio((folder / r["file"]).read_bytes()) for r in rows], [
+        r["transcript"] for r in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def speechbrain(shared_data) -> tuple[list[np.ndarray], list[str]]:
+    return speechbrain_clips(shared_data)
 
 
 @trim_on_off
@@ -111,10 +116,13 @@ def test_batched_equals_one_by_one(recognizer, speechbrain, jfk):
     assert [t.text for t in together] == [t.text for t in alone]
 
 
-def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, monkeypatch):
+@pytest.mark.parametrize("beams", [None, 3], ids=["greedy", "beam3"])
+def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, monkeypatch,
+                                                      beams):
     """The decoder reading each silence prior once per batch hears what it hears over all 1500
     positions per row; and it does run: the decoder sees only the clips' positions."""
     clips = [*speechbrain[0][:6], jfk]  # 2-3 s and 11 s: clip parts of 200 and 600 positions
+    monkeypatch.setattr(tiny, "_options", dataclasses.replace(tiny._options, beam_size=beams))
     tiny.shared_prior = False
     try:
         full = tiny.transcribe_batch(clips)
@@ -123,9 +131,9 @@ def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, mo
     widths: list[int] = []
     decode = tiny._shared_prior_decode
 
-    def spy(features, row_priors, n_clip, options):
+    def spy(features, row_priors, n_clip, *rest):
         widths.append(n_clip)
-        return decode(features, row_priors, n_clip, options)
+        return decode(features, row_priors, n_clip, *rest)
 
     monkeypatch.setattr(tiny, "_shared_prior_decode", spy)
     shared = tiny.transcribe_batch(clips)
@@ -136,7 +144,7 @@ def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, mo
 
 
 def test_beam_search_over_a_batch(tiny, speechbrain):
-    """openai-whisper's beam search fails on batches; ours decodes the clips' beams one by one."""
+    """openai-whisper's beam search fails on batches; ours repeats each clip's features per beam."""
     clips = speechbrain[0][:2]
     greedy = tiny._options
     tiny._options = dataclasses.replace(greedy, beam_size=2)
@@ -222,3 +230,34 @@ def test_multilingual_language_hint_and_detection(cache_dir, jfk):
     )
     assert detected.language == hinted.language == "en"
     assert "my fellow americans" in detected.text.lower()
+
+
+def test_knowledge_base_language_model_hears_domain_words(tiny, shared_data):
+    """Shallow fusion with the sample KB's language model: tiny.en alone hears espeak's
+    "change my address" as "change my dress"; with the KB's model (which has "address" in
+    its texts) it hears "address". Weight 0 is plain Whisper, token for token."""
+    import shutil
+
+    from supportqa_server.synth import synthesize_speech
+
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: `make setup` installs it")
+    sample = Path(__file__).resolve().parents[1] / "knowledge" / "sample.jsonl"
+    from supportqa.knowledge_file import read_entries
+
+    texts = [t for e in read_entries(sample) for t in (e.title, *e.questions, e.answer)]
+    lm = tiny.knowledge_lm(texts)
+    clips = [decode_audio(synthesize_speech("I am looking to change my address.")),
+             *speechbrain_clips(shared_data)[0][:2]]
+    before = tiny.lm_weight
+    try:
+        tiny.lm_weight = 0.0
+        plain = [t.text for t in tiny.transcribe_batch(clips, lms=[lm] * len(clips))]
+        assert plain == [t.text for t in tiny.transcribe_batch(clips)]
+        tiny.lm_weight = 0.3
+        fused = [t.text for t in tiny.transcribe_batch(clips, lms=[lm, None, None])]
+    finally:
+        tiny.lm_weight = before
+    assert "address" not in plain[0].lower()
+    assert "address" in fused[0].lower(), fused[0]
+    assert fused[1:] == plain[1:]  # clips given no model are decoded as before

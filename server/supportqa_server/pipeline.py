@@ -30,6 +30,7 @@ MIN_ROWS = 200  # rows fetched at least, so aggregation sees every paraphrase of
 # in Python, the store's main CPU cost under load (docs/benchmarks.md).
 LEXICAL_ROWS = 50
 ENCODE_CHUNK = 16  # questions per encoder forward pass within one batch, on CPU
+LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most this often
 MAX_QUESTIONS = 200  # paraphrases per entry
 MAX_ID_CHARS = 256
 _KB_RE = re.compile(KB_NAME_PATTERN)
@@ -215,6 +216,8 @@ class Pipeline:
             self.settings.store_threads, thread_name_prefix="store"
         )
         self._batchers: dict[str, MicroBatcher] = {}
+        # knowledge base -> (store revision, built at (monotonic s), its speech LM)
+        self._speech_lms: dict[str, tuple] = {}
 
     # Start-up and shutdown
 
@@ -257,7 +260,7 @@ class Pipeline:
         t0 = time.perf_counter()
         self.speech = SpeechRecognizer(
             s.speech_model, self.device, cache_dir=s.cache_dir, trim_audio=s.speech_trim,
-            beam_size=s.speech_beam_size or None,
+            beam_size=s.speech_beam_size or None, lm_weight=s.speech_lm_weight,
         )
         log.info("speech %s in %.1f s", s.speech_model, time.perf_counter() - t0)
         self.components.append(Component("speech", s.speech_model, self.device))
@@ -336,20 +339,47 @@ class Pipeline:
         chunk = ENCODE_CHUNK if self.device == "cpu" else max(1, len(texts))
         return list(self.encoder.encode_sorted(texts, batch_size=chunk))
 
-    def _transcribe_batch(self, items: list[tuple[np.ndarray, str]]) -> list:
+    def _transcribe_batch(self, items: list[tuple[np.ndarray, str, str]]) -> list:
         assert self.speech is not None
         out: list = [None] * len(items)
         by_language: dict[str, list[int]] = {}
-        for i, (_, language) in enumerate(items):
+        for i, (_, language, _) in enumerate(items):
             by_language.setdefault(language, []).append(i)
         for language, idx in by_language.items():
             try:
-                found = self.speech.transcribe_batch([items[i][0] for i in idx], language or None)
+                found = self.speech.transcribe_batch(
+                    [items[i][0] for i in idx], language or None,
+                    [self._speech_lm(items[i][2]) for i in idx],
+                )
             except Exception as e:  # noqa: BLE001 - one language group's failure is its own
                 found = [e] * len(idx)
             for i, r in zip(idx, found, strict=True):
                 out[i] = r
         return out
+
+    def _speech_lm(self, kb: str):
+        """The knowledge base's language model for Whisper's decoding, None when off.
+
+        Runs on the speech thread only. Built on a KB's first voice question (~1 s per 10k
+        texts) and rebuilt after writes, at most once per LM_REBUILD_S: a model a few writes
+        behind still knows the domain's words.
+        """
+        assert self.speech is not None and self.store is not None
+        if self.speech.lm_weight <= 0 or not self.store.has(kb):
+            return None
+        cached = self._speech_lms.get(kb)
+        now = time.monotonic()
+        if cached is not None and (
+            cached[0] == self.store.revision(kb) or now - cached[1] < LM_REBUILD_S
+        ):
+            return cached[2]
+        t0 = time.perf_counter()
+        revision, texts = self.store.texts(kb)
+        lm = self.speech.knowledge_lm(texts)
+        self._speech_lms[kb] = (revision, now, lm)
+        log.info("speech language model for %r: %d texts in %.2f s", kb, lm.n_texts,
+                 time.perf_counter() - t0)
+        return lm
 
     def _read_batch(self, images: list) -> list:
         assert self.reader is not None
@@ -453,7 +483,9 @@ class Pipeline:
         see_vector = None
         if clip is not None:
             t0 = time.perf_counter()
-            heard = await self._submit("speech", (clip, req.language), req.timeout)
+            heard = await self._submit(
+                "speech", (clip, req.language, req.knowledge_base), req.timeout
+            )
             timings.transcribe_us += _us(t0)
             yield Transcript(heard.text, heard.language, True)
             if heard.text.strip():
@@ -647,7 +679,9 @@ class Pipeline:
 
     async def _partial(self, samples: np.ndarray, req: AskRequest):
         try:
-            return await self._submit("speech", (samples, req.language), req.timeout)
+            return await self._submit(
+                "speech", (samples, req.language, req.knowledge_base), req.timeout
+            )
         except Exception:  # noqa: BLE001 - a partial transcript is best effort
             return None
 

@@ -41,9 +41,13 @@ class Settings(BaseSettings):
     text_model: str = ""  # HF path or id; empty: bundled all-MiniLM-L6-v2
     speech_model: str = "tiny.en"  # tiny.en | base | any openai-whisper name or .pt path; "" off
     speech_trim: bool = True  # encode only the speech sent, not 30 s of padding
-    # Beams for Whisper's beam search; 0: greedy (fastest). 5 hears more words right on
-    # robotic or noisy speech at ~2.8x the decoding time (docs/evaluation.md).
-    speech_beam_size: int = Field(0, ge=0, le=16)
+    # Beams for Whisper's beam search; 0: greedy. With the KB language model, 5 beams put
+    # voice within 0.04 of text on BANKING77 dev (greedy: 0.06) at ~2.4x greedy's decoding
+    # time, ~0.33 s a clip in batches on 2 cores (docs/evaluation.md, docs/bench_voice.md).
+    speech_beam_size: int = Field(5, ge=0, le=16)
+    # Weight of the knowledge base's own language model in Whisper's decoding (shallow
+    # fusion, biasing.py): domain words win close calls. 0.3 was best on BANKING77 dev; 0 off.
+    speech_lm_weight: float = Field(0.3, ge=0.0, le=2.0)
     clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off
     ocr: bool = True  # read text from images with rapidocr
     preload: bool = True  # load every configured model before reporting SERVING

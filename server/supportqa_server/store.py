@@ -95,6 +95,7 @@ class _KB:
     name: str
     committed: dict[str, tuple[int, EntryData]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    revision: int = 0  # bumped by every write, so derived views know when to rebuild
 
     @property
     def rows(self) -> int:
@@ -369,6 +370,7 @@ class KnowledgeStore:
             replaced = [e.id for e in entries if e.id in state.committed]
             for e in entries:
                 state.committed[e.id] = (version, e)
+            state.revision += 1
             ids = sorted({e.id for e in entries})
             for i in range(0, len(ids), INSERT_BATCH):
                 chunk = ", ".join(_quote(x) for x in ids[i : i + INSERT_BATCH])
@@ -390,6 +392,7 @@ class KnowledgeStore:
                 c.delete(_entries_name(kb), ids=chunk)
                 for x in chunk:
                     state.committed.pop(x, None)
+                state.revision += 1
                 quoted = ", ".join(_quote(x) for x in chunk)
                 c.delete(_rows_name(kb), filter=f"entry_id in [{quoted}]")
                 if self.image_dim:
@@ -406,6 +409,16 @@ class KnowledgeStore:
     def entry(self, kb: str, entry_id: str) -> EntryData | None:
         found = self._kbs[kb].committed.get(entry_id) if kb in self._kbs else None
         return None if found is None else found[1]
+
+    def revision(self, kb: str) -> int:
+        """A number that changes whenever a knowledge base's entries do."""
+        return self._kb(kb).revision
+
+    def texts(self, kb: str) -> tuple[int, list[str]]:
+        """(revision, every searchable text of the committed entries) of a knowledge base."""
+        state = self._kb(kb)
+        with state.lock:
+            return state.revision, [t for _, e in state.committed.values() for _, t in e.texts()]
 
     def counts(self, kb: str) -> tuple[int, int, int]:
         """(entries, text rows, image rows) of a knowledge base."""

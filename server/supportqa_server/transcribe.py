@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from whisper.decoding import DecodingTask
 from whisper.model import AudioEncoder, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
 
+from supportqa_server.biasing import KnowledgeBias, KnowledgeLM, TokenClasses
 from supportqa_server.errors import InvalidInput
 from supportqa_server.whisper_convert import load_whisper
 
@@ -116,9 +118,18 @@ class _TrimmableAudioEncoder(AudioEncoder):
 
 
 class _FeaturesTask(DecodingTask):
-    """whisper's decoding task fed encoder outputs of any length (stock: 1500 or a mel)."""
+    """whisper's decoding task fed encoder outputs of any length (stock: 1500 or a mel).
+
+    With beams and a known language it also decodes several clips at once: openai-whisper
+    20250625 repeats the tokens per beam but not the audio features (the decoder then fails
+    on a batch of clips), so each clip's features are repeated here, as ``run`` expects when
+    it takes every ``n_group``-th row back. Language detection would need them unrepeated;
+    such batches decode clip by clip (see SpeechRecognizer._decode_window).
+    """
 
     def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
+        if self.n_group > 1 and self.options.language is not None:
+            return mel.repeat_interleave(self.n_group, dim=0)
         return mel
 
     def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor):
@@ -126,9 +137,12 @@ class _FeaturesTask(DecodingTask):
         dims = self.model.dims
         self.model.dims = dataclasses.replace(dims, n_audio_ctx=audio_features.shape[-2])
         try:
-            return super()._detect_language(audio_features, tokens)
+            languages, probs = super()._detect_language(audio_features, tokens)
         finally:
             self.model.dims = dims
+        if self.n_group > 1 and self.options.language is not None:
+            languages = languages[:: self.n_group]  # one per clip, not per repeated row
+        return languages, probs
 
 
 class _SharedPriorCrossAttention:
@@ -143,38 +157,78 @@ class _SharedPriorCrossAttention:
     exact attention over the same 1500 positions, summed in another order.
 
     Installed on a decoder block's ``cross_attn`` as the instance's ``qkv_attention`` for one
-    decoding call (greedy only: beam search regroups rows).
+    decoding call. Beam search moves rows only within a clip's group of beams, so a row's
+    prior stays its clip's.
     """
 
     def __init__(self, n_head: int, priors: list[tuple[torch.Tensor, torch.Tensor]],
                  rows: list[list[int]]) -> None:
         self.n_head = n_head
-        self.priors = priors  # per distinct prior: keys, values past the clip part, (L, D)
-        self.rows = rows  # per distinct prior: the batch rows that use it
+        d = priors[0][0].shape[-1] // n_head
+        # per distinct prior: keys, values past the clip part, head-major (H, L, d)
+        self.priors = [
+            tuple(x.view(-1, n_head, d).transpose(0, 1).contiguous() for x in kv)
+            for kv in priors
+        ]
+        self.rows = [torch.tensor(r, device=priors[0][0].device) for r in rows]
+        self.all_rows = len(rows) == 1  # one prior for the whole batch: no row gathers
+        # The clip part's keys and values stay the same tensors through a decoding call (the
+        # beams' rearrangement leaves cross-attention alone: SpeechRecognizer._run), so their
+        # head-major copies are made once.
+        self._heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _head_major(self, k: torch.Tensor, v: torch.Tensor, h: int, d: int):
+        key = id(k)
+        if key not in self._heads:
+            n = k.shape[0]
+            self._heads[key] = (k.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(),
+                                v.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(), k)
+        kh, vh, _ = self._heads[key]
+        return kh, vh
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
         n_batch, n_tok, n_state = q.shape
         h, d = self.n_head, n_state // self.n_head
         scale = d**-0.5
         qh = q.view(n_batch, n_tok, h, d).permute(0, 2, 1, 3)  # (B, H, T, d)
-        kh = k.view(n_batch, -1, h, d).permute(0, 2, 1, 3)  # (B, H, C, d)
-        vh = v.view(n_batch, -1, h, d).permute(0, 2, 1, 3)
+        kh, vh = self._head_major(k, v, h, d)  # (B, H, C, d)
         s_clip = (qh @ kh.transpose(-1, -2)).float() * scale  # (B, H, T, C)
+        c = s_clip.shape[-1]
         out = torch.empty_like(qh)
-        for (kp, vp), rows in zip(self.priors, self.rows, strict=True):
-            idx = torch.tensor(rows, device=q.device)
-            kph = kp.view(-1, h, d).permute(1, 0, 2)  # (H, L, d)
-            vph = vp.view(-1, h, d).permute(1, 0, 2)
-            n = len(rows)
-            q2 = qh[idx].permute(1, 0, 2, 3).reshape(h, n * n_tok, d)  # (H, n*T, d)
+        for (kph, vph), idx in zip(self.priors, self.rows, strict=True):
+            n = len(idx)
+            q_rows, s_rows, v_rows = (qh, s_clip, vh) if self.all_rows else (
+                qh[idx], s_clip[idx], vh[idx])
+            q2 = q_rows.permute(1, 0, 2, 3).reshape(h, n * n_tok, d)  # (H, n*T, d)
             s_prior = (q2 @ kph.transpose(-1, -2)).float() * scale  # (H, n*T, L): prior read once
             s_prior = s_prior.view(h, n, n_tok, -1).permute(1, 0, 2, 3)  # (n, H, T, L)
-            w = torch.cat([s_clip[idx], s_prior], dim=-1).softmax(dim=-1).to(q.dtype)
-            c = s_clip.shape[-1]
+            w = torch.cat([s_rows, s_prior], dim=-1).softmax(dim=-1).to(q.dtype)
             w_prior = w[..., c:].permute(1, 0, 2, 3).reshape(h, n * n_tok, -1)
             part = (w_prior @ vph).view(h, n, n_tok, d).permute(1, 0, 2, 3)
-            out[idx] = w[..., :c] @ vh[idx] + part
+            if self.all_rows:
+                out = w[..., :c] @ v_rows + part
+            else:
+                out[idx] = w[..., :c] @ v_rows + part
         return out.permute(0, 2, 1, 3).flatten(start_dim=2), None
+
+
+def _keep_cross_attention_in_place(task: DecodingTask, model: Whisper) -> None:
+    """Beam search: reorder only the self-attention caches when beams are regrouped.
+
+    A clip's beams share its audio, so their cross-attention keys and values are equal and
+    moving them between the clip's rows (all that regrouping does) changes nothing; stock
+    whisper copies them every step (rows x positions x D per layer).
+    """
+    inference = task.inference
+    cross = {m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)}
+
+    def rearrange_kv_cache(source_indices) -> None:
+        if source_indices != list(range(len(source_indices))):
+            for module in inference.kv_modules:
+                if module not in cross:
+                    inference.kv_cache[module] = inference.kv_cache[module][source_indices]
+
+    inference.rearrange_kv_cache = rearrange_kv_cache
 
 
 def _device_name(device: str) -> str:
@@ -210,6 +264,7 @@ class SpeechRecognizer:
         cache_dir: Path | None = None,
         trim_audio: bool = True,
         beam_size: int | None = None,
+        lm_weight: float = 0.0,
     ):
         """Loads the model.
 
@@ -220,6 +275,8 @@ class SpeechRecognizer:
             cache_dir: where converted checkpoints are kept; see resolve_whisper_checkpoint.
             trim_audio: encode the speech sent rather than 30 s of padding.
             beam_size: beams for beam search; None decodes greedily.
+            lm_weight: weight of a knowledge-base language model's log-probabilities added
+                to Whisper's at each step, for clips given one (see biasing.py); 0 is off.
         """
         self._device = _device_name(device)
         self._model_name = model_name
@@ -236,6 +293,8 @@ class SpeechRecognizer:
             fp16=self._fp16,
         )
         self._priors: dict[float, _SilencePrior] = {}
+        self.lm_weight = lm_weight
+        self._classes: TokenClasses | None = None
         # Decode trimmed batches with the priors' cross-attention shared (same transcripts).
         self.shared_prior = True
 
@@ -331,11 +390,37 @@ class SpeechRecognizer:
                 row_priors[i] = prior
         return torch.stack(out), row_priors, n_clip
 
-    def _shared_prior_decode(self, features, row_priors, n_clip, options):
+    def token_classes(self) -> TokenClasses:
+        """The case-folded token classes of this model's tokenizer (built on first use)."""
+        if self._classes is None:
+            self._classes = TokenClasses(self._tokenizer("en"))
+        return self._classes
+
+    def knowledge_lm(self, texts) -> KnowledgeLM:
+        """A knowledge-base language model for transcribe_batch's ``lms``, from its texts."""
+        return KnowledgeLM(self.token_classes(), texts)
+
+    def _run(self, features, options, lms, beams: int = 1):
+        """One whisper decoding task on encoder outputs, fused with the clips' KB models."""
+        task = _FeaturesTask(self.model, options)
+        if beams > 1:
+            _keep_cross_attention_in_place(task, self.model)
+        if self.lm_weight > 0 and lms is not None and any(lms):
+            task.logit_filters.append(
+                KnowledgeBias(lms, self.lm_weight, task.sample_begin, beams)
+            )
+        return task.run(features)
+
+    def _shared_prior_decode(self, features, row_priors, n_clip, options, lms):
         """whisper.decode with the clips' positions only and each prior's read once a step."""
         distinct: dict[int, tuple[_SilencePrior, list[int]]] = {}
+        beams = options.beam_size or 1
         for row, prior in enumerate(row_priors):
-            distinct.setdefault(id(prior), (prior, []))[1].append(row)
+            # Beam search keeps a clip's beams in rows row * beams .. + beams - 1 (it regroups
+            # rows only within a clip), so they read the clip's prior too.
+            distinct.setdefault(id(prior), (prior, []))[1].extend(
+                range(row * beams, (row + 1) * beams)
+            )
         blocks = self.model.decoder.blocks
         try:
             for layer, block in enumerate(blocks):
@@ -344,26 +429,30 @@ class SpeechRecognizer:
                 block.cross_attn.qkv_attention = _SharedPriorCrossAttention(
                     block.cross_attn.n_head, parts, [rows for _, rows in distinct.values()]
                 )
-            return _FeaturesTask(self.model, options).run(features[:, :n_clip].contiguous())
+            return self._run(features[:, :n_clip].contiguous(), options, lms, beams)
         finally:
             for block in blocks:
                 block.cross_attn.__dict__.pop("qkv_attention", None)
 
     @torch.inference_mode()
-    def _decode_window(self, clips: list[np.ndarray], language: str | None) -> list[Transcription]:
+    def _decode_window(
+        self, clips: list[np.ndarray], language: str | None, lms: list[KnowledgeLM | None]
+    ) -> list[Transcription]:
         """Decodes clips of at most 30 s together: batched encoding, one decoding loop."""
         features, row_priors, n_clip = self._encode(clips)
         budgets = [self._token_budget(len(c)) for c in clips]
         options = dataclasses.replace(self._options, language=language, sample_len=max(budgets))
-        if self.shared_prior and options.beam_size is None and all(row_priors):
-            results = self._shared_prior_decode(features, row_priors, n_clip, options)
-        elif options.beam_size is not None and len(clips) > 1:
-            # openai-whisper 20250625 repeats the tokens per beam but not the audio features,
-            # so beam search over a batch of clips fails: the beams decode one clip at a time.
-            results = [whisper.decode(self.model, features[i : i + 1], options)[0]
-                       for i in range(len(clips))]
+        if self.shared_prior and all(row_priors) and (
+            options.beam_size is None or language is not None
+        ):
+            results = self._shared_prior_decode(features, row_priors, n_clip, options, lms)
+        elif options.beam_size is not None and len(clips) > 1 and language is None:
+            # Beams over clips whose language is to be detected: one clip at a time
+            # (_FeaturesTask).
+            results = [self._run(features[i : i + 1], options, lms[i : i + 1],
+                                 options.beam_size)[0] for i in range(len(clips))]
         else:
-            results = whisper.decode(self.model, features, options)
+            results = self._run(features, options, lms, options.beam_size or 1)
         out = []
         for r, budget in zip(results, budgets, strict=True):
             text = r.text
@@ -415,7 +504,10 @@ class SpeechRecognizer:
         )
 
     def transcribe_batch(
-        self, clips: list[np.ndarray], language: str | None = None
+        self,
+        clips: list[np.ndarray],
+        language: str | None = None,
+        lms: Sequence[KnowledgeLM | None] | None = None,
     ) -> list[Transcription]:
         """Transcribes several clips at once.
 
@@ -428,6 +520,8 @@ class SpeechRecognizer:
             clips: float32 mono 16 kHz samples in [-1, 1] (what audio.decode_audio returns).
             language: ISO 639-1 code (or English name) spoken in every clip; None or "" detects
                 it per clip. Ignored by English-only models, which always answer "en".
+            lms: per clip, the knowledge-base language model its decoding is fused with
+                (None: plain Whisper); used when ``lm_weight`` > 0, for clips up to 30 s.
 
         Returns:
             One Transcription per clip, in order.
@@ -446,7 +540,9 @@ class SpeechRecognizer:
         out: list[Transcription | None] = [None] * len(arrays)
         short = [i for i, a in enumerate(arrays) if a.size <= N_SAMPLES]
         if short:
-            found = self._decode_window([arrays[i] for i in short], lang)
+            models = list(lms) if lms is not None else [None] * len(arrays)
+            found = self._decode_window([arrays[i] for i in short], lang,
+                                        [models[i] for i in short])
             for i, t in zip(short, found, strict=True):
                 out[i] = t
         for i, a in enumerate(arrays):

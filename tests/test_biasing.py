@@ -1,0 +1,98 @@
+"""Knowledge-base language model and its fusion into Whisper's logits (no model weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from supportqa_server.biasing import BOS, KnowledgeBias, KnowledgeLM, TokenClasses
+from whisper.tokenizer import get_tokenizer
+
+KB_TEXTS = [
+    "How do I top up my card?",
+    "My top-up failed",
+    "I forgot my PIN",
+    "How do I change my PIN?",
+    "Where can I find my PIN",
+    "Is there a fee for an ATM withdrawal?",
+]
+
+
+@pytest.fixture(scope="module")
+def classes() -> TokenClasses:
+    return TokenClasses(get_tokenizer(multilingual=False))
+
+
+@pytest.fixture(scope="module")
+def lm(classes) -> KnowledgeLM:
+    return KnowledgeLM(classes, KB_TEXTS)
+
+
+def token(classes: TokenClasses, text: str) -> int:
+    ids = classes.tokenizer.encode(text)
+    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
+    return ids[0]
+
+
+def test_classes_fold_case_and_keep_the_leading_space(classes):
+    of = classes.of_token
+    assert of[token(classes, " PIN")] == of[token(classes, " pin")]
+    assert of[token(classes, " Card")] == of[token(classes, " card")]
+    assert of[token(classes, " card")] != of[token(classes, "card")]
+    assert of[classes.eot] == classes.eos
+
+
+@pytest.mark.parametrize("context", [(), (BOS, BOS, 0), (1, 2, 3), (5,)])
+def test_every_context_is_a_distribution(lm, classes, context):
+    p = lm.log_probs(context).double().exp()
+    assert p.shape == (classes.n_classes,)
+    assert math.isclose(float(p.sum()), 1.0, rel_tol=1e-6)
+    assert float(p.min()) > 0  # words the KB never uses stay reachable
+
+
+def test_in_domain_words_score_higher(lm, classes):
+    assert lm.score("how do I change my PIN") > lm.score("how do I change my bin") + 1.0
+    assert lm.score("I forgot my pin") > lm.score("I forgot my bim")
+    seq = classes.encode("I forgot my")
+    after_my = lm.log_probs(seq)
+    pin, bin_ = (classes.of_token[token(classes, w)] for w in (" PIN", " bin"))
+    assert after_my[pin] > after_my[bin_] + 2.0
+
+
+def test_texts_without_tokens_are_skipped(classes):
+    assert KnowledgeLM(classes, ["", "   ", "PIN"]).n_texts == 1
+
+
+def test_fusion_reranks_text_tokens_and_leaves_eot_alone(lm, classes):
+    tok = classes.tokenizer
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    made = tok.encode(" I forgot my")
+    tokens = torch.tensor([prefix + made, prefix + made])
+    n_vocab = classes.eot + 10  # a few specials past eot, as Whisper's vocabulary has
+    logits = torch.zeros(2, n_vocab)
+    pin, bin_ = token(classes, " PIN"), token(classes, " bin")
+    logits[:, pin] = 3.0
+    logits[:, bin_] = 3.5  # Whisper's acoustic favourite
+    logits[:, classes.eot] = 1.0
+    before = logits.clone()
+    KnowledgeBias([lm, None], weight=0.5, sample_begin=len(prefix)).apply(logits, tokens)
+    assert int(logits[0].argmax()) == pin  # the KB's word wins the close call
+    assert int(logits[1].argmax()) == bin_  # a row without a model is untouched
+    assert torch.equal(logits[1], before[1])
+    # eot and the specials keep Whisper's logits; text tokens keep their total mass.
+    assert torch.equal(logits[0, classes.eot :], before[0, classes.eot :])
+    text_mass = torch.logsumexp(logits[0, : classes.eot], 0)
+    assert math.isclose(float(text_mass), float(torch.logsumexp(before[0, : classes.eot], 0)),
+                        rel_tol=1e-5)
+
+
+def test_fusion_maps_beams_to_their_clip(lm, classes):
+    tok = classes.tokenizer
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    tokens = torch.tensor([prefix] * 4)
+    logits = torch.zeros(4, classes.eot + 1)
+    KnowledgeBias([None, lm], weight=1.0, sample_begin=len(prefix), beams=2).apply(
+        logits, tokens)
+    assert torch.count_nonzero(logits[:2]) == 0  # clip 0's two beams: no model
+    assert torch.count_nonzero(logits[2:]) > 0

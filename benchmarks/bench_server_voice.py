@@ -58,7 +58,8 @@ def main() -> int:
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python "
         f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}. Clips: {len(clips)} "
-        "espeak-ng questions (2-4 s each), tiny.en, WAV over gRPC; load generator in a separate "
+        "espeak-ng questions (2-4 s each), Whisper tiny.en with the server's default decoding "
+        "(5 beams, the KB's language model at 0.3), WAV over gRPC; load generator in a separate "
         "process.",
         "",
         "| speech_max_batch | concurrency | clips/s | p50 (ms) | p99 (ms) | errors |",

@@ -32,9 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import SHARED_DATA  # noqa: E402
 from supportqa_server.audio import SAMPLE_RATE, decode_audio  # noqa: E402
 from supportqa_server.whisper_convert import BUNDLED, bundled_model_dir, package_dir  # noqa: E402
-from test_transcribe import SPEECH, word_error_rate  # noqa: E402
+from test_transcribe import word_error_rate  # noqa: E402
+
+SPEECH = SHARED_DATA / "speech"
 
 BATCH = 8  # clips per batched call, as the server's speech_max_batch
 SNR_DB = 20.0  # white noise added to the synthetic questions
@@ -69,29 +72,38 @@ def timed(fn, *args):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def ours(model: str, cache_dir: Path) -> list[Config]:
-    """Our SpeechRecognizer, trimmed and not; for WER only, trimmed with parts of it left out."""
+def ours(model: str, cache_dir: Path, kb_texts: list[str]) -> list[Config]:
+    """Our SpeechRecognizer, trimmed and not; for WER only, trimmed with parts of it left out.
+    For tiny.en also the server's default decoding (5 beams, a KB language model from
+    ``kb_texts``) and its parts."""
     import torch
     import whisper
     from supportqa_server.transcribe import SpeechRecognizer
 
     rec = SpeechRecognizer(model, "cpu", cache_dir=cache_dir)
 
-    def with_trim(trim: bool):
-        def serial(clip):
+    greedy = rec._options
+    lm = rec.knowledge_lm(kb_texts) if kb_texts else None
+
+    def with_trim(trim: bool, beams: int | None = None, lm_weight: float = 0.0):
+        def setup(n: int):
             rec.trim_audio = trim
-            return rec.transcribe_batch([clip])[0].text
+            rec._options = dataclasses.replace(greedy, beam_size=beams)
+            rec.lm_weight = lm_weight
+            return [lm] * n if lm_weight else None
+
+        def serial(clip):
+            return rec.transcribe_batch([clip], lms=setup(1))[0].text
 
         def batch(clips):
-            rec.trim_audio = trim
-            return [t.text for t in rec.transcribe_batch(clips)]
+            return [t.text for t in rec.transcribe_batch(clips, lms=setup(len(clips)))]
 
         return serial, batch
 
     @torch.inference_mode()
     def audio_ctx_only(clip):
         """Decoder attends to the trimmed positions only (whisper.cpp's audio_ctx)."""
-        rec.trim_audio = True
+        rec.trim_audio, rec._options, rec.lm_weight = True, greedy, 0.0
         mel = rec._mel(clip)[:, : rec._n_frames(len(clip))][None]
         features = rec.model.encoder(mel)
         view = copy.copy(rec.model)  # decode() must believe n_audio_ctx is the trimmed length
@@ -105,7 +117,7 @@ def ours(model: str, cache_dir: Path) -> list[Config]:
     @torch.inference_mode()
     def prior_outputs_only(clip):
         """Decoder sees the prior's outputs past the clip; encoder attention does not."""
-        rec.trim_audio = True
+        rec.trim_audio, rec._options, rec.lm_weight = True, greedy, 0.0
         mel = rec._mel(clip)
         features = rec.model.encoder(mel[:, : rec._n_frames(len(clip))][None])[0]
         prior = rec._prior(float(mel[:, -1].mean()))
@@ -116,9 +128,18 @@ def ours(model: str, cache_dir: Path) -> list[Config]:
         )
         return whisper.decode(rec.model, features, options)[0].text
 
+    decoding = []
+    if model == "tiny.en" and lm is not None:
+        decoding = [
+            Config(model, "openai-whisper", "trim, 5 beams + KB LM (server default)",
+                   *with_trim(True, 5, 0.3)),
+            Config(model, "openai-whisper", "trim, 5 beams", *with_trim(True, 5)),
+            Config(model, "openai-whisper", "trim, greedy + KB LM", *with_trim(True, None, 0.3)),
+        ]
     return [
-        Config(model, "openai-whisper", "trim on (default)", *with_trim(True)),
-        Config(model, "openai-whisper", "trim off (30 s)", *with_trim(False)),
+        Config(model, "openai-whisper", "trim on, greedy", *with_trim(True)),
+        *decoding,
+        Config(model, "openai-whisper", "trim off (30 s), greedy", *with_trim(False)),
         Config(
             model,
             "openai-whisper",
@@ -231,10 +252,14 @@ def main() -> None:
     if args.synthetic:
         syn_clips, syn_refs = synthetic_questions(args.synthetic, args.cache_dir / "tts")
 
+    # The KB language model's texts: BANKING77 train past the rows spoken as synthetic
+    # questions, so the model has not seen the sentences it is scored on.
+    with open(SPEECH.parent / "text" / "banking77" / "train.csv", newline="") as f:
+        kb_texts = [r["text"] for r in list(csv.DictReader(f))[max(args.synthetic, 1) :]]
     tmp = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     configs: list[Config] = []
     for model in args.models:
-        configs += ours(model, args.cache_dir / "checkpoints")
+        configs += ours(model, args.cache_dir / "checkpoints", kb_texts)
         configs += faster(model, faster_model_dir(model, tmp), threads)
     for c in configs:  # warm-up: lazy inits, silence priors, first-call allocations
         c.serial(clips[0])
@@ -289,8 +314,9 @@ def main() -> None:
     print(
         f"Clips: the {len(clips)} speechbrain sentences ({min(durations):.1f}-"
         f"{max(durations):.1f} s, real speech) one by one, {args.rounds} round(s); jfk.flac "
-        f"(11 s); batch = the first {BATCH} sentences in one call. Greedy decoding, no "
-        "timestamps, language detected by base.\n"
+        f"(11 s); batch = the first {BATCH} sentences in one call. Greedy decoding unless the "
+        "setting says beams; the KB LM (weight 0.3) is built from BANKING77 train past the "
+        "synthetic questions' rows; no timestamps; language detected by base.\n"
     )
     print("## Latency and throughput\n")
     print(
@@ -333,7 +359,7 @@ def main() -> None:
     by_key = {(c.model, c.setting): c for c in configs}
     any_diff = False
     for model in args.models:
-        on, off = by_key[(model, "trim on (default)")], by_key[(model, "trim off (30 s)")]
+        on, off = by_key[(model, "trim on, greedy")], by_key[(model, "trim off (30 s), greedy")]
         for ref, a, b in zip(refs + syn_refs, on.texts + on.synthetic_texts,
                              off.texts + off.synthetic_texts, strict=True):  # fmt: skip
             if a != b:

@@ -1,9 +1,11 @@
-"""The Dockerfile lints clean and installs exactly what the README's set-up installs."""
+"""Packaging: the Dockerfile lints clean and installs what the README's set-up installs; the
+benchmark scripts start."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,15 @@ def test_ruff_is_clean():
     dirs = [str(ROOT / d) for d in ("clients", "server", "tests", "benchmarks", "scripts")]
     r = subprocess.run([ruff, "check", *dirs], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "collect.py")
+)
+def test_benchmark_scripts_start(script):
+    """Each benchmark imports what it needs (a renamed helper once broke one silently)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout.lower()

@@ -261,3 +261,24 @@ def test_knowledge_base_language_model_hears_domain_words(tiny, shared_data):
     assert "address" not in plain[0].lower()
     assert "address" in fused[0].lower(), fused[0]
     assert fused[1:] == plain[1:]  # clips given no model are decoded as before
+
+
+def test_language_model_loops_fall_back_to_plain_decoding(tiny, shared_data):
+    """Greedy decoding fused with a banking model loops on "mend the coat before you go out"
+    ("I'm going to be able to do that." until the token budget); such a clip is decoded
+    again without the model, so the caller gets what plain Whisper hears."""
+    folder = shared_data / "speech" / "speechbrain"
+    with open(folder / "transcripts.tsv", newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t")
+        row = next(r for r in rows if r["transcript"].startswith("MEND"))
+    clip = decode_audio((folder / row["file"]).read_bytes())
+    with open(shared_data / "text" / "banking77" / "train.csv", newline="") as f:
+        lm = tiny.knowledge_lm(r["text"] for r in csv.DictReader(f))
+    before = tiny.lm_weight
+    try:
+        tiny.lm_weight = 0.3
+        fused = tiny.transcribe_batch([clip], lms=[lm])[0].text
+    finally:
+        tiny.lm_weight = before
+    assert fused == tiny.transcribe(clip).text
+    assert len(fused.split()) <= 2 * len(row["transcript"].split()), fused

@@ -12,7 +12,6 @@ the model tilts close calls, it does not restrict the vocabulary.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -169,8 +168,3 @@ class KnowledgeBias(LogitFilter):
         fused = text + self.weight * lp
         fused += torch.logsumexp(text, 1, keepdim=True) - torch.logsumexp(fused, 1, keepdim=True)
         logits[idx, : cls.eot] = fused.to(logits.dtype)
-
-
-def lm_weight_ok(weight: float) -> bool:
-    """Whether a fusion weight is usable: finite and in [0, 2]."""
-    return math.isfinite(weight) and 0.0 <= weight <= 2.0

@@ -31,6 +31,7 @@ TRIM_MIN_FRAMES = 200  # mel frames (2 s) encoded at least
 # decoder cross-attention keys and values together.
 PRIOR_LEVEL_STEP = 0.5
 PRIOR_LEVEL_RANGE = (-1.5, 0.0)
+LOOP_COMPRESSION_RATIO = 2.4  # gzip ratio of a transcript that repeats itself (whisper's)
 MAX_TOKENS_BASE = 32  # token budget of a clip: this plus MAX_TOKENS_PER_SECOND per second
 MAX_TOKENS_PER_SECOND = 12  # (fast speech ~4 words/s, CJK ~3 tokens/character) so a
 # repetition loop stops early instead of running to the 224-token decoder limit
@@ -434,6 +435,20 @@ class SpeechRecognizer:
             for block in blocks:
                 block.cross_attn.__dict__.pop("qkv_attention", None)
 
+    def _decode(self, features, row_priors, n_clip, options, lms) -> list:
+        """whisper's DecodingResults for encoded clips, by the fastest route that applies."""
+        language = options.language
+        if self.shared_prior and all(row_priors) and (
+            options.beam_size is None or language is not None
+        ):
+            return self._shared_prior_decode(features, row_priors, n_clip, options, lms)
+        if options.beam_size is not None and len(lms) > 1 and language is None:
+            # Beams over clips whose language is to be detected: one clip at a time
+            # (_FeaturesTask).
+            return [self._run(features[i : i + 1], options, lms[i : i + 1],
+                              options.beam_size)[0] for i in range(len(lms))]
+        return self._run(features, options, lms, options.beam_size or 1)
+
     @torch.inference_mode()
     def _decode_window(
         self, clips: list[np.ndarray], language: str | None, lms: list[KnowledgeLM | None]
@@ -442,17 +457,19 @@ class SpeechRecognizer:
         features, row_priors, n_clip = self._encode(clips)
         budgets = [self._token_budget(len(c)) for c in clips]
         options = dataclasses.replace(self._options, language=language, sample_len=max(budgets))
-        if self.shared_prior and all(row_priors) and (
-            options.beam_size is None or language is not None
-        ):
-            results = self._shared_prior_decode(features, row_priors, n_clip, options, lms)
-        elif options.beam_size is not None and len(clips) > 1 and language is None:
-            # Beams over clips whose language is to be detected: one clip at a time
-            # (_FeaturesTask).
-            results = [self._run(features[i : i + 1], options, lms[i : i + 1],
-                                 options.beam_size)[0] for i in range(len(clips))]
-        else:
-            results = self._run(features, options, lms, options.beam_size or 1)
+        results = self._decode(features, row_priors, n_clip, options, lms)
+        # A language model can pull the decoder into a loop on speech far from its knowledge
+        # base ("I'm going to be able to do that." over and over for "mend the coat before you
+        # go out"). Such clips are decoded again without it, as whisper.transcribe falls back
+        # on a compression ratio over 2.4.
+        looped = [i for i, (r, lm, budget) in enumerate(zip(results, lms, budgets, strict=True))
+                  if lm is not None and (r.compression_ratio > LOOP_COMPRESSION_RATIO
+                                         or len(r.tokens) >= budget)]
+        if looped and self.lm_weight > 0:
+            again = self._decode(features[looped], [row_priors[i] for i in looped], n_clip,
+                                 options, [None] * len(looped))
+            for i, r in zip(looped, again, strict=True):
+                results[i] = r
         out = []
         for r, budget in zip(results, budgets, strict=True):
             text = r.text

@@ -1,0 +1,71 @@
+"""The pipeline's per-knowledge-base speech language models: built once, rebuilt after writes
+(at most every LM_REBUILD_S), none when off. A fake recogniser: this is about the cache."""
+
+from __future__ import annotations
+
+import pytest
+from supportqa_server import pipeline as pipeline_module
+from supportqa_server.pipeline import Pipeline
+from supportqa_server.settings import Settings
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.revisions = {"kb": 0}
+        self.reads = 0
+
+    def has(self, kb: str) -> bool:
+        return kb in self.revisions
+
+    def revision(self, kb: str) -> int:
+        return self.revisions[kb]
+
+    def texts(self, kb: str) -> tuple[int, list[str]]:
+        self.reads += 1
+        return self.revisions[kb], [f"text {self.revisions[kb]}"]
+
+
+class FakeLM(tuple):
+    @property
+    def n_texts(self) -> int:
+        return len(self[1])
+
+
+class FakeSpeech:
+    lm_weight = 0.3
+
+    def knowledge_lm(self, texts):
+        return FakeLM(("lm", tuple(texts)))
+
+
+@pytest.fixture
+def pipe(tmp_path, monkeypatch):
+    p = Pipeline(Settings(data_dir=tmp_path))
+    p.store, p.speech = FakeStore(), FakeSpeech()
+    clock = [1000.0]
+    monkeypatch.setattr(pipeline_module.time, "monotonic", lambda: clock[0])
+    p.clock = clock
+    return p
+
+
+def test_built_once_per_revision(pipe):
+    first = pipe._speech_lm("kb")
+    assert first == ("lm", ("text 0",))
+    assert pipe._speech_lm("kb") is first
+    assert pipe.store.reads == 1
+
+
+def test_rebuilt_after_a_write_but_not_more_often_than_the_limit(pipe):
+    first = pipe._speech_lm("kb")
+    pipe.store.revisions["kb"] = 1
+    assert pipe._speech_lm("kb") is first  # within LM_REBUILD_S: the slightly stale model
+    pipe.clock[0] += pipeline_module.LM_REBUILD_S + 1
+    assert pipe._speech_lm("kb") == ("lm", ("text 1",))
+    assert pipe.store.reads == 2
+
+
+def test_none_when_off_or_for_an_unknown_knowledge_base(pipe):
+    assert pipe._speech_lm("missing") is None
+    pipe.speech.lm_weight = 0.0
+    assert pipe._speech_lm("kb") is None
+    assert pipe.store.reads == 0

@@ -235,3 +235,16 @@ async def test_cli_ingest_and_stats(text_server, tmp_path, capsys):
     assert "written 2" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["--target", text_server, "stats", "-k", "cli_kb"]) == 0
     assert "cli_kb: 2 entries" in capsys.readouterr().out
+
+
+async def test_cli_ask_prints_ranked_answers_and_an_honest_no_answer(text_server, capsys):
+    import asyncio
+
+    from supportqa import cli
+
+    argv = ["--target", text_server, "ask"]
+    assert await asyncio.to_thread(cli.main, [*argv, "my card was stolen"]) == 0
+    assert "1. [" in capsys.readouterr().out
+    assert await asyncio.to_thread(cli.main, [*argv, "the boiling point of tungsten"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("no confident answer") == 1 and "threshold" in out, out

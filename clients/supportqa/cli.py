@@ -39,7 +39,7 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
     if result.HasField("image_text") and result.image_text.lines:
         print("read: " + " / ".join(line.text for line in result.image_text.lines))
     if result.HasField("no_answer"):
-        print(f"no confident answer: {result.no_answer.reason}")
+        print(result.no_answer.reason)  # "no confident answer: ..." from the server
         return 0
     for a in result.answers:
         routes = ",".join(ROUTE_NAMES.get(r, "?") for r in a.routes)

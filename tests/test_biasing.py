@@ -96,3 +96,12 @@ def test_fusion_maps_beams_to_their_clip(lm, classes):
         logits, tokens)
     assert torch.count_nonzero(logits[:2]) == 0  # clip 0's two beams: no model
     assert torch.count_nonzero(logits[2:]) > 0
+
+
+def test_loop_detector_counts_repeated_runs():
+    from supportqa_server.transcribe import _repeats
+
+    tok = get_tokenizer(multilingual=False)
+    assert _repeats(tok.encode(" I don't know how to do it," * 3))
+    assert not _repeats(tok.encode(" I don't know how to do it," * 2))
+    assert not _repeats(tok.encode(" How do I top up my card, and how long does a top up take?"))

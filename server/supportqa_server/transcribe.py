@@ -32,6 +32,7 @@ TRIM_MIN_FRAMES = 200  # mel frames (2 s) encoded at least
 PRIOR_LEVEL_STEP = 0.5
 PRIOR_LEVEL_RANGE = (-1.5, 0.0)
 LOOP_COMPRESSION_RATIO = 2.4  # gzip ratio of a transcript that repeats itself (whisper's)
+LOOP_REPEATS = 3  # a run of 3-8 tokens said this often is a loop, not a question
 MAX_TOKENS_BASE = 32  # token budget of a clip: this plus MAX_TOKENS_PER_SECOND per second
 MAX_TOKENS_PER_SECOND = 12  # (fast speech ~4 words/s, CJK ~3 tokens/character) so a
 # repetition loop stops early instead of running to the 224-token decoder limit
@@ -211,6 +212,19 @@ class _SharedPriorCrossAttention:
             else:
                 out[idx] = w[..., :c] @ v_rows + part
         return out.permute(0, 2, 1, 3).flatten(start_dim=2), None
+
+
+def _repeats(tokens: list[int], times: int = LOOP_REPEATS) -> bool:
+    """Whether some run of 3-8 tokens occurs ``times`` times: a loop too short for gzip to
+    flag ("I don't know how to do it, I don't know how to do it, I don't know how ...")."""
+    for n in range(3, 9):
+        seen: dict[tuple[int, ...], int] = {}
+        for i in range(len(tokens) - n + 1):
+            gram = tuple(tokens[i : i + n])
+            seen[gram] = seen.get(gram, 0) + 1
+            if seen[gram] >= times:
+                return True
+    return False
 
 
 def _keep_cross_attention_in_place(task: DecodingTask, model: Whisper) -> None:
@@ -461,10 +475,10 @@ class SpeechRecognizer:
         # A language model can pull the decoder into a loop on speech far from its knowledge
         # base ("I'm going to be able to do that." over and over for "mend the coat before you
         # go out"). Such clips are decoded again without it, as whisper.transcribe falls back
-        # on a compression ratio over 2.4.
+        # on a compression ratio over 2.4; shorter loops are caught by their repeated runs.
         looped = [i for i, (r, lm, budget) in enumerate(zip(results, lms, budgets, strict=True))
                   if lm is not None and (r.compression_ratio > LOOP_COMPRESSION_RATIO
-                                         or len(r.tokens) >= budget)]
+                                         or len(r.tokens) >= budget or _repeats(r.tokens))]
         if looped and self.lm_weight > 0:
             again = self._decode(features[looped], [row_priors[i] for i in looped], n_clip,
                                  options, [None] * len(looped))

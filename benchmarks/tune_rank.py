@@ -98,27 +98,37 @@ class BM25:
 
 def prepare(name: str, model: str, max_rows: int, lexical: bool):
     """Per query: (label, dense RowHits best first, lexical RowHits best first)."""
-    from supportqa_server.store import RowHit
-
     entries, queries, na = load(name)
     rows = [(e.id, kind, text) for e in entries for kind, text in e.texts()]
     tag = f"{name}-{Path(model).name or 'minilm'}"
     rv = embed([t for _, _, t in rows], model, tag + "-rows")
     qv = embed([q.text for q in queries], model, tag + "-queries")
-    sims = qv @ rv.T  # (Q, R) cosines
-    k = min(max_rows, len(rows))
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     bm = BM25([t for _, _, t in rows]) if lexical else None
+    hits = route_hits(rows, qv @ rv.T, [q.text for q in queries], bm, max_rows)
+    return [(q.label, dense, lex) for q, (dense, lex) in zip(queries, hits, strict=True)], na
+
+
+def route_hits(rows, sims: np.ndarray, texts: list[str], bm: BM25 | None, k: int,
+               lexical_k: int | None = None):
+    """Per question, (dense RowHits, BM25 RowHits) best first, as the store returns them.
+
+    rows: (entry_id, kind, text) per row; sims: (Q, R) cosines of the questions to the rows.
+    """
+    from supportqa_server.store import RowHit
+
+    k = min(k, len(rows))
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     out = []
-    for qi, q in enumerate(queries):
+    for qi, text in enumerate(texts):
         idx = top[qi][np.argsort(-sims[qi, top[qi]])]
         dense = [RowHit(rows[i][0], rows[i][1], rows[i][2], float(sims[qi, i])) for i in idx]
         lex = (
-            [RowHit(rows[i][0], rows[i][1], rows[i][2], s) for i, s in bm.search(q.text, k)]
+            [RowHit(rows[i][0], rows[i][1], rows[i][2], s)
+             for i, s in bm.search(text, lexical_k or k)]
             if bm else []
         )
-        out.append((q.label, dense, lex))
-    return out, na
+        out.append((dense, lex))
+    return out
 
 
 def evaluate(prepared, na, opts, rows: int, threshold: float | None = None) -> dict:

@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tune_rank import BM25, ROOT, embed, load  # noqa: E402
+from tune_rank import BM25, ROOT, embed, evaluate, load, route_hits  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +27,7 @@ def main() -> None:
     from supportqa_server.audio import decode_audio
     from supportqa_server.biasing import KnowledgeLM
     from supportqa_server.encoder import TextEncoder
-    from supportqa_server.rank import rank
     from supportqa_server.settings import Settings
-    from supportqa_server.store import RowHit
     from supportqa_server.transcribe import SpeechRecognizer
 
     p = argparse.ArgumentParser()
@@ -44,28 +40,23 @@ def main() -> None:
     torch.set_num_threads(2)
     entries, queries, _ = load("banking77")
     qs = queries[args.first : args.last]
-    rows = [(e.id, t) for e in entries for _, t in e.texts()]
+    rows = [(e.id, kind, t) for e in entries for kind, t in e.texts()]
     cache = ROOT / ".cache" / "eval"  # the clips `eval --modality voice` caches
     clips = [decode_audio(synth.synthesize_speech(q.text, cache_dir=cache)) for q in qs]
-    rv = embed([t for _, t in rows], "", "banking77-minilm-rows")
-    enc, bm, opts = TextEncoder(""), BM25([t for _, t in rows]), Settings().rank_options()
-    gold = [q.label for q in qs]
+    rv = embed([t for _, _, t in rows], "", "banking77-minilm-rows")
+    enc, bm, opts = TextEncoder(""), BM25([t for _, _, t in rows]), Settings().rank_options()
 
     def accuracy(texts: list[str]) -> float:
-        sims = enc.encode_sorted(texts) @ rv.T
-        top = []
-        for qi, text in enumerate(texts):
-            dense = [RowHit(rows[i][0], "", rows[i][1], float(sims[qi, i]))
-                     for i in np.argsort(-sims[qi])[:200]]
-            lex = [RowHit(rows[i][0], "", rows[i][1], s) for i, s in bm.search(text, 50)]
-            top.append(rank(dense, lex, opts)[0].entry_id)
-        return float(np.mean([a == b for a, b in zip(top, gold, strict=True)]))
+        # As the server searches: 200 dense rows, 50 BM25 rows (pipeline.LEXICAL_ROWS).
+        hits = route_hits(rows, enc.encode_sorted(texts) @ rv.T, texts, bm, 200, 50)
+        prepared = [(q.label, d, x) for q, (d, x) in zip(qs, hits, strict=True)]
+        return evaluate(prepared, None, opts, 200)["acc"]
 
     print(f"text accuracy@1 {accuracy([q.text for q in qs]):.4f} ({len(qs)} queries)")
     rec = SpeechRecognizer(args.model, beam_size=args.beams or None)
     for config in args.configs.split(","):
         order, weight = config.split(":")
-        lm = KnowledgeLM(rec.token_classes(), [t for _, t in rows], order=int(order))
+        lm = KnowledgeLM(rec.token_classes(), [t for _, _, t in rows], order=int(order))
         rec.lm_weight = float(weight)
         t0 = time.perf_counter()
         heard = []

@@ -78,18 +78,13 @@ def jfk(speech_dir) -> np.ndarray:
     return decode_audio((speech_dir / "jfk" / "jfk.flac").read_bytes())
 
 
-def speechbrain_clips(shared_data: Path) -> tuple[list[np.ndarray], list[str]]:
-    folder = shared_data / "speech" / "speechbrain"
+@pytest.fixture(scope="module")
+def speechbrain(speech_dir) -> tuple[list[np.ndarray], list[str]]:
+    folder = speech_dir / "speechbrain"
     with open(folder / "transcripts.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    return [decode_audio((folder / r["file"]).read_bytes()) for r in rows], [
-        r["transcript"] for r in rows
-    ]
-
-
-@pytest.fixture(scope="module")
-def speechbrain(shared_data) -> tuple[list[np.ndarray], list[str]]:
-    return speechbrain_clips(shared_data)
+    clips = [decode_audio((folder / r["file"]).read_bytes()) for r in rows]
+    return clips, [r["transcript"] for r in rows]
 
 
 @trim_on_off
@@ -232,7 +227,7 @@ def test_multilingual_language_hint_and_detection(cache_dir, jfk):
     assert "my fellow americans" in detected.text.lower()
 
 
-def test_knowledge_base_language_model_hears_domain_words(tiny, shared_data):
+def test_knowledge_base_language_model_hears_domain_words(tiny, speechbrain):
     """Shallow fusion with the sample KB's language model: tiny.en alone hears espeak's
     "change my address" as "change my dress"; with the KB's model (which has "address" in
     its texts) it hears "address". Weight 0 is plain Whisper, token for token."""
@@ -248,7 +243,7 @@ def test_knowledge_base_language_model_hears_domain_words(tiny, shared_data):
     texts = [t for e in read_entries(sample) for t in (e.title, *e.questions, e.answer)]
     lm = tiny.knowledge_lm(texts)
     clips = [decode_audio(synthesize_speech("I am looking to change my address.")),
-             *speechbrain_clips(shared_data)[0][:2]]
+             *speechbrain[0][:2]]
     before = tiny.lm_weight
     try:
         tiny.lm_weight = 0.0
@@ -263,15 +258,13 @@ def test_knowledge_base_language_model_hears_domain_words(tiny, shared_data):
     assert fused[1:] == plain[1:]  # clips given no model are decoded as before
 
 
-def test_language_model_loops_fall_back_to_plain_decoding(tiny, shared_data):
+def test_language_model_loops_fall_back_to_plain_decoding(tiny, speechbrain, shared_data):
     """Greedy decoding fused with a banking model loops on "mend the coat before you go out"
     ("I'm going to be able to do that." until the token budget); such a clip is decoded
     again without the model, so the caller gets what plain Whisper hears."""
-    folder = shared_data / "speech" / "speechbrain"
-    with open(folder / "transcripts.tsv", newline="") as f:
-        rows = csv.DictReader(f, delimiter="\t")
-        row = next(r for r in rows if r["transcript"].startswith("MEND"))
-    clip = decode_audio((folder / row["file"]).read_bytes())
+    clip, reference = next(
+        (c, ref) for c, ref in zip(*speechbrain, strict=True) if ref.startswith("MEND")
+    )
     with open(shared_data / "text" / "banking77" / "train.csv", newline="") as f:
         lm = tiny.knowledge_lm(r["text"] for r in csv.DictReader(f))
     before = tiny.lm_weight
@@ -281,4 +274,4 @@ def test_language_model_loops_fall_back_to_plain_decoding(tiny, shared_data):
     finally:
         tiny.lm_weight = before
     assert fused == tiny.transcribe(clip).text
-    assert len(fused.split()) <= 2 * len(row["transcript"].split()), fused
+    assert len(fused.split()) <= 2 * len(reference.split()), fused

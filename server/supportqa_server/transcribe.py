@@ -126,7 +126,7 @@ class _FeaturesTask(DecodingTask):
     20250625 repeats the tokens per beam but not the audio features (the decoder then fails
     on a batch of clips), so each clip's features are repeated here, as ``run`` expects when
     it takes every ``n_group``-th row back. Language detection would need them unrepeated;
-    such batches decode clip by clip (see SpeechRecognizer._decode_window).
+    such batches decode clip by clip (see SpeechRecognizer._decode).
     """
 
     def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
@@ -176,17 +176,15 @@ class _SharedPriorCrossAttention:
         self.all_rows = len(rows) == 1  # one prior for the whole batch: no row gathers
         # The clip part's keys and values stay the same tensors through a decoding call (the
         # beams' rearrangement leaves cross-attention alone: SpeechRecognizer._run), so their
-        # head-major copies are made once.
-        self._heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # head-major copies are made once: (k, keys, values).
+        self._heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _head_major(self, k: torch.Tensor, v: torch.Tensor, h: int, d: int):
-        key = id(k)
-        if key not in self._heads:
+        if self._heads is None or self._heads[0] is not k:
             n = k.shape[0]
-            self._heads[key] = (k.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(),
-                                v.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(), k)
-        kh, vh, _ = self._heads[key]
-        return kh, vh
+            self._heads = (k, k.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(),
+                           v.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous())
+        return self._heads[1], self._heads[2]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
         n_batch, n_tok, n_state = q.shape
@@ -196,7 +194,7 @@ class _SharedPriorCrossAttention:
         kh, vh = self._head_major(k, v, h, d)  # (B, H, C, d)
         s_clip = (qh @ kh.transpose(-1, -2)).float() * scale  # (B, H, T, C)
         c = s_clip.shape[-1]
-        out = torch.empty_like(qh)
+        out = qh if self.all_rows else torch.empty_like(qh)  # all rows: replaced below
         for (kph, vph), idx in zip(self.priors, self.rows, strict=True):
             n = len(idx)
             q_rows, s_rows, v_rows = (qh, s_clip, vh) if self.all_rows else (
@@ -456,11 +454,12 @@ class SpeechRecognizer:
             options.beam_size is None or language is not None
         ):
             return self._shared_prior_decode(features, row_priors, n_clip, options, lms)
-        if options.beam_size is not None and len(lms) > 1 and language is None:
+        n_clips = features.shape[0]
+        if options.beam_size is not None and n_clips > 1 and language is None:
             # Beams over clips whose language is to be detected: one clip at a time
             # (_FeaturesTask).
             return [self._run(features[i : i + 1], options, lms[i : i + 1],
-                              options.beam_size)[0] for i in range(len(lms))]
+                              options.beam_size)[0] for i in range(n_clips)]
         return self._run(features, options, lms, options.beam_size or 1)
 
     @torch.inference_mode()

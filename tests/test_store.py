@@ -130,3 +130,31 @@ def test_image_rows_follow_versions(tmp_path):
     assert all(h.kind != "image" for h in hits)  # the old picture no longer matches
     assert s.counts("kb") == (1, 2, 2)
     s.close()
+
+
+def test_raw_replies_read_as_pymilvus_reads_them(store):
+    """The search reply's flat arrays, read without pymilvus's per-hit objects, give the same
+    keys and scores as MilvusClient.search, on both routes and for several queries."""
+    from pymilvus.exceptions import MilvusException
+    from supportqa_server.store import _read_hits
+
+    rng = np.random.default_rng(3)
+    entries = [EntryData(id=f"e{i}", title=f"title {i}", answer=f"answer number {i}",
+                         questions=(f"question {i} about cards", f"refund {i} pending"))
+               for i in range(6)]
+    store.upsert("kb", entries, [rng.normal(size=(len(e.texts()), DIM)).astype(np.float32)
+                                 for e in entries])
+    queries = rng.normal(size=(3, DIM)).astype(np.float32)
+    for data, field, metric in (([q.tolist() for q in queries], "vector", "IP"),
+                                (["refund 3 pending", "cards", "nothing matches"], "sparse",
+                                 "BM25")):
+        mine = _read_hits(store._send_search("sqa_kb_rows", data, field, 7, "", metric), 3)
+        theirs = store.client.search("sqa_kb_rows", data=data, anns_field=field, limit=7,
+                                     search_params={"metric_type": metric})
+        assert [[pk for pk, _ in hits] for hits in mine] == [
+            [h["id"] for h in hits] for hits in theirs]
+        for hits, ref in zip(mine, theirs, strict=True):
+            assert [s for _, s in hits] == pytest.approx([h["distance"] for h in ref])
+    assert len(mine[0]) > 0 and mine[2] == []  # BM25: no shared word, no row
+    with pytest.raises(MilvusException):
+        _read_hits(store._send_search("sqa_nope_rows", [[0.0] * DIM], "vector", 3, "", "IP"), 1)

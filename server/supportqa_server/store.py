@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -35,6 +34,7 @@ INSERT_BATCH = 1000  # rows per insert: Milvus Lite 2.5 slows sharply on larger 
 MAX_TEXT_BYTES = 8192  # VARCHAR capacity of one searchable text, in bytes
 MAX_DOC_BYTES = 65535  # VARCHAR capacity of one entry's JSON
 MAX_SEARCH_LIMIT = 16384  # Milvus's largest top-k
+SEARCH_TIMEOUT_S = 60.0  # one search call; Lite answers in milliseconds, a busy cluster in <1 s
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,38 @@ class _KB:
         return sum(e.see_rows for _, e in self.committed.values())
 
 
+def _read_hits(pending, nq: int) -> list[list[tuple[str, float]]]:
+    """Waits for a search of nq queries sent with ``_async=True``: per query, (primary key,
+    score) pairs, best first.
+
+    pymilvus would build a dict-like Hit per row (6,400 for 32 questions at 200 rows: half of
+    a 42 ms batched search on 2 cores, docs/bench_text.md); the reply's three flat arrays are
+    read here instead. pymilvus 2.5's SearchFuture keeps the gRPC future as ``_future``.
+
+    Raises:
+        MilvusException: the search failed.
+    """
+    from pymilvus.client.utils import check_status
+    from pymilvus.exceptions import MilvusException
+
+    pending.exception()  # raises what failed before the request was sent
+    try:
+        reply = pending._future.result()
+    except Exception as e:  # grpc.RpcError and its timeouts, as pymilvus reports them
+        raise MilvusException(message=str(e)) from e
+    check_status(reply.status)
+    r = reply.results
+    ids = list(r.ids.str_id.data) if r.ids.HasField("str_id") else [
+        str(i) for i in r.ids.int_id.data
+    ]
+    scores = list(r.scores)
+    out, start = [], 0
+    for k in r.topks:
+        out.append(list(zip(ids[start : start + k], scores[start : start + k], strict=True)))
+        start += k
+    return out + [[] for _ in range(nq - len(out))]  # an empty collection sends no topks
+
+
 def _rows_name(kb: str) -> str:
     return f"sqa_{kb}_rows"
 
@@ -152,9 +184,6 @@ class KnowledgeStore:
         self._create_lock = threading.Lock()
         self._last_version = 0
         self._client = None
-        # The BM25 route's searches run here, beside the dense one on the caller's thread: a
-        # lone question waits for the slower route, not for both (docs/bench_text.md).
-        self._routes = ThreadPoolExecutor(2, thread_name_prefix="store-bm25")
 
     def open(self) -> None:
         """Connects, loads every knowledge base's committed entries, removes dead rows."""
@@ -173,7 +202,6 @@ class KnowledgeStore:
                     self._load(kb)
 
     def close(self) -> None:
-        self._routes.shutdown(wait=False)
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -430,16 +458,15 @@ class KnowledgeStore:
         state = self._kb(kb)
         if not self.image_dim:
             return [[] for _ in vectors]
-        found = self.client.search(
-            _images_name(kb), data=[v.tolist() for v in vectors], anns_field="vector",
-            limit=min(limit, MAX_SEARCH_LIMIT), output_fields=[],
-            search_params={"metric_type": "IP"},
-        )
+        found = _read_hits(self._send_search(
+            _images_name(kb), [v.tolist() for v in vectors], "vector",
+            min(limit, MAX_SEARCH_LIMIT), "", "IP",
+        ), len(vectors))
         out = []
         for hits in found:
             live = []
-            for h in hits:
-                entry_id, version, index = str(h["id"]).split("\x1f")
+            for pk, score in hits:
+                entry_id, version, index = pk.split("\x1f")
                 current = state.committed.get(entry_id)
                 if current is None or current[0] != int(version):
                     continue
@@ -448,7 +475,7 @@ class KnowledgeStore:
                     kind, text = "image", f"[image {i + 1} of {e.title or e.id}]"
                 else:
                     kind, text = e.texts()[i - e.image_count]
-                live.append(RowHit(entry_id, kind, text, float(h["distance"])))
+                live.append(RowHit(entry_id, kind, text, score))
             out.append(live)
         return out
 
@@ -485,37 +512,46 @@ class KnowledgeStore:
             )
         expr = " and ".join(filters)
         limit = min(limit, MAX_SEARCH_LIMIT)
-        fields: list[str] = []  # the primary key "id\x1fversion\x1findex" says it all
-        c = self.client
         lex: list = [[] for _ in texts]
         nonempty = [i for i, t in enumerate(texts) if t.strip()] if lexical and self.lexical else []
+        # Both routes are in flight at once: a lone question waits for the slower route, not
+        # for both (docs/bench_text.md).
         lexical_search = None
         if nonempty:
-            lexical_search = self._routes.submit(
-                c.search, _rows_name(kb), data=[texts[i] for i in nonempty], anns_field="sparse",
-                limit=min(limit, lexical_limit or limit), filter=expr, output_fields=fields,
-                search_params={"metric_type": "BM25"},
+            lexical_search = self._send_search(
+                _rows_name(kb), [texts[i] for i in nonempty], "sparse",
+                min(limit, lexical_limit or limit), expr, "BM25",
             )
-        dense = c.search(
-            _rows_name(kb), data=[v.tolist() for v in vectors], anns_field="vector",
-            limit=limit, filter=expr, output_fields=fields, search_params={"metric_type": "IP"},
+        dense = self._send_search(
+            _rows_name(kb), [v.tolist() for v in vectors], "vector", limit, expr, "IP"
         )
+        dense_hits = _read_hits(dense, len(vectors))
         if lexical_search is not None:
-            for i, hits in zip(nonempty, lexical_search.result(), strict=True):
+            for i, hits in zip(nonempty, _read_hits(lexical_search, len(nonempty)), strict=True):
                 lex[i] = hits
         return [
             (self._live(state, d), self._live(state, x))
-            for d, x in zip(dense, lex, strict=True)
+            for d, x in zip(dense_hits, lex, strict=True)
         ]
 
+    def _send_search(self, collection: str, data: list, field: str, limit: int, expr: str,
+                     metric: str):
+        """Starts one search of ``data`` (nq queries); _read_hits waits for its rows."""
+        return self.client.search(
+            collection, data=data, anns_field=field, limit=limit, filter=expr,
+            # no fields: the primary key "id\x1fversion\x1findex" says it all
+            output_fields=[], search_params={"metric_type": metric}, timeout=SEARCH_TIMEOUT_S,
+            _async=True,
+        )
+
     @staticmethod
-    def _live(state: _KB, hits) -> list[RowHit]:
+    def _live(state: _KB, hits: list[tuple[str, float]]) -> list[RowHit]:
         """Row hits of committed versions, their texts taken from memory (not sent by Milvus)."""
         out = []
-        for h in hits:
-            entry_id, version, index = str(h["id"]).split("\x1f")
+        for pk, score in hits:
+            entry_id, version, index = pk.split("\x1f")
             current = state.committed.get(entry_id)
             if current is not None and current[0] == int(version):
                 kind, text = current[1].texts()[int(index)]
-                out.append(RowHit(entry_id, kind, text, float(h["distance"])))
+                out.append(RowHit(entry_id, kind, text, score))
         return out

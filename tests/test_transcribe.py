@@ -275,3 +275,27 @@ def test_language_model_loops_fall_back_to_plain_decoding(tiny, speechbrain, sha
         tiny.lm_weight = before
     assert fused == tiny.transcribe(clip).text
     assert len(fused.split()) <= 2 * len(reference.split()), fused
+
+
+def test_bfloat16_hears_what_float32_hears(cache_dir, speechbrain, jfk):
+    """bfloat16 (auto on CPUs with AMX) hears the words float32 hears in the speechbrain clips
+    and jfk (capitals may differ: "Yellow Pan" against "yellow pan"); a clip over 30 s goes through whisper's own loop in float32 and leaves the model in
+    bfloat16."""
+    import torch
+    from supportqa_server.transcribe import SpeechRecognizer
+
+    clips = [*speechbrain[0], jfk]
+    heard = {}
+    for precision in ("float32", "bfloat16"):
+        rec = SpeechRecognizer("tiny.en", "cpu", cache_dir=cache_dir, precision=precision)
+        assert rec.dtype == getattr(torch, precision)
+        heard[precision] = [t.text for t in rec.transcribe_batch(clips, "en")]
+    assert word_error_rate(heard["float32"], heard["bfloat16"]) == 0.0
+    long = rec.transcribe_batch([np.concatenate([jfk, np.zeros(16000, np.float32), jfk,
+                                                 np.zeros(16000, np.float32), jfk])])[0]
+    assert long.text.lower().count("your country") >= 2
+    dtypes = {n: p.dtype for n, p in rec.model.named_parameters()}
+    assert dtypes["decoder.blocks.0.mlp.0.weight"] == torch.bfloat16
+    assert dtypes["decoder.blocks.0.mlp_ln.weight"] == torch.float32  # whisper's LayerNorm
+    with pytest.raises(ValueError, match="float16 is not supported on CPU"):
+        SpeechRecognizer("tiny.en", "cpu", cache_dir=cache_dir, precision="float16")

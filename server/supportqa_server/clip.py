@@ -27,14 +27,17 @@ class ImageEncoder:
             ``openai/clip-vit-base-patch32`` that is in the Hugging Face cache (or downloadable
             when the machine is online and ``HF_HUB_OFFLINE`` is unset).
         device: torch device string ("cpu", "cuda:0", "mps").
+        precision: auto | float32 | bfloat16 | float16 (devices.resolve_precision).
 
     Raises:
         NotAvailable: The model cannot be found or loaded, or has no image and text towers.
     """
 
-    def __init__(self, model: str, device: str = "cpu") -> None:
+    def __init__(self, model: str, device: str = "cpu", precision: str = "auto") -> None:
         import torch
         from transformers import AutoModel, AutoProcessor
+
+        from .devices import resolve_precision
 
         self.model_name = model
         self.device = device
@@ -80,10 +83,8 @@ class ImageEncoder:
             self._processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError, KeyError) as e:
             raise NotAvailable(f"cannot load the CLIP processor: {where}. {how}") from e
-        self._model.eval().to(device)
-        if device.startswith("cuda"):
-            self._model.half()
-        self._dtype = next(self._model.parameters()).dtype
+        self._dtype = resolve_precision(precision, device)
+        self._model.eval().to(device, self._dtype)
         self._torch = torch
         config = self._model.config
         # CLIP's text tower has learned positions for 77 tokens; longer texts are cut there.

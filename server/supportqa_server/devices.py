@@ -39,3 +39,43 @@ def configure_threads(torch_threads: int) -> int:
     n = torch_threads or (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
+
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    import torch
+
+    cpu = torch.cpu
+    return bool(
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    )
+
+
+def resolve_precision(name: str, device: str):
+    """Maps auto|float32|bfloat16|float16 to the torch dtype models run in on ``device``.
+
+    auto: float16 on CUDA; bfloat16 on a CPU with native bfloat16 (AMX or AVX512-BF16: on 2
+    Sapphire Rapids cores a batch of 64 MiniLM sentences runs 2.3x faster than float32, with
+    embeddings at cosine 0.9999 to float32's; docs/bench_text.md); float32 elsewhere.
+
+    Raises:
+        ValueError: an unknown name, or float16 asked for on a CPU (slow, and some CPU kernels
+            lack it).
+    """
+    import torch
+
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.float16
+        if device == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name == "float16" and device == "cpu":
+        raise ValueError("precision float16 is not supported on CPU: use bfloat16 or float32")
+    return getattr(torch, name)

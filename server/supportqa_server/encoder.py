@@ -22,11 +22,14 @@ class TextEncoder:
     Args:
         model: Local path or hub id of a BERT-like model; empty means the bundled MiniLM.
         device: torch device string ("cpu", "cuda:0", "mps").
+        precision: auto | float32 | bfloat16 | float16 (devices.resolve_precision).
     """
 
-    def __init__(self, model: str = "", device: str = "cpu") -> None:
+    def __init__(self, model: str = "", device: str = "cpu", precision: str = "auto") -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
+
+        from .devices import resolve_precision
 
         self.model_name = model or bundled_text_model()
         self.device = device
@@ -41,9 +44,8 @@ class TextEncoder:
                 f"cannot load text model {self.model_name!r}: give a local directory with "
                 "config.json, tokenizer and weights, or a hub id that is in the HF cache"
             ) from e
-        self._model.eval().to(device)
-        if device.startswith("cuda"):
-            self._model.half()
+        self.dtype = resolve_precision(precision, device)
+        self._model.eval().to(device, self.dtype)
         self._torch = torch
         self.dim: int = int(self._model.config.hidden_size)
 

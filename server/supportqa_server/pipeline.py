@@ -230,10 +230,13 @@ class Pipeline:
         configure_threads(s.torch_threads)
         self.device = resolve_device(s.device)
         t0 = time.perf_counter()
-        self.encoder = TextEncoder(s.text_model, self.device)
+        self.encoder = TextEncoder(s.text_model, self.device, s.precision)
         log.info("text encoder %s on %s in %.1f s", self.encoder.model_name, self.device,
                  time.perf_counter() - t0)
-        self.components.append(Component("text_encoder", self.encoder.model_name, self.device))
+        self.components.append(Component(
+            "text_encoder", self.encoder.model_name, self.device,
+            detail=str(self.encoder.dtype).removeprefix("torch."),
+        ))
         self._load_speech()
         self._load_ocr()
         self._load_clip()
@@ -261,9 +264,13 @@ class Pipeline:
         self.speech = SpeechRecognizer(
             s.speech_model, self.device, cache_dir=s.cache_dir, trim_audio=s.speech_trim,
             beam_size=s.speech_beam_size or None, lm_weight=s.speech_lm_weight,
+            precision=s.precision,
         )
         log.info("speech %s in %.1f s", s.speech_model, time.perf_counter() - t0)
-        self.components.append(Component("speech", s.speech_model, self.device))
+        self.components.append(Component(
+            "speech", s.speech_model, self.device,
+            detail=str(self.speech.dtype).removeprefix("torch."),
+        ))
 
     def _load_ocr(self) -> None:
         if not self.settings.ocr:
@@ -284,7 +291,7 @@ class Pipeline:
             return
         from .clip import ImageEncoder
 
-        self.image_encoder = ImageEncoder(s.clip_model, self.device)
+        self.image_encoder = ImageEncoder(s.clip_model, self.device, s.precision)
         self.components.append(Component(
             "image_encoder", self.image_encoder.model_name, self.device,
             detail=f"{self.image_encoder.dim}-d",

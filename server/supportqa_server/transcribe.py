@@ -18,6 +18,7 @@ from whisper.model import AudioEncoder, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
 
 from supportqa_server.biasing import KnowledgeBias, KnowledgeLM, TokenClasses
+from supportqa_server.devices import resolve_precision
 from supportqa_server.errors import InvalidInput
 from supportqa_server.whisper_convert import load_whisper
 
@@ -278,26 +279,29 @@ class SpeechRecognizer:
         trim_audio: bool = True,
         beam_size: int | None = None,
         lm_weight: float = 0.0,
+        precision: str = "auto",
     ):
         """Loads the model.
 
         Args:
             model_name: "tiny.en" or "base" (converted from the bundled weights), another
                 openai-whisper name already in whisper's cache, or a checkpoint path.
-            device: "cpu", "cuda", "cuda:0" or "mps"; cuda decodes in fp16, others in fp32.
+            device: "cpu", "cuda", "cuda:0" or "mps".
             cache_dir: where converted checkpoints are kept; see resolve_whisper_checkpoint.
             trim_audio: encode the speech sent rather than 30 s of padding.
             beam_size: beams for beam search; None decodes greedily.
             lm_weight: weight of a knowledge-base language model's log-probabilities added
                 to Whisper's at each step, for clips given one (see biasing.py); 0 is off.
+            precision: auto | float32 | bfloat16 | float16 (devices.resolve_precision).
         """
         self._device = _device_name(device)
         self._model_name = model_name
         self.trim_audio = trim_audio
         self.model: Whisper = load_whisper(model_name, self._device, cache_dir).eval()
         self.model.encoder.__class__ = _TrimmableAudioEncoder
-        self._fp16 = self._device.startswith("cuda")
-        self._dtype = torch.float16 if self._fp16 else torch.float32
+        self._dtype = resolve_precision(precision, self._device)
+        self._fp16 = self._dtype == torch.float16
+        self._cast(self._dtype)
         self._options = whisper.DecodingOptions(
             task="transcribe",
             temperature=0.0,
@@ -310,6 +314,19 @@ class SpeechRecognizer:
         self._classes: TokenClasses | None = None
         # Decode trimmed batches with the priors' cross-attention shared (same transcripts).
         self.shared_prior = True
+
+    def _cast(self, dtype: torch.dtype) -> None:
+        # Weights stored in the compute dtype, so whisper's per-call weight.to(x.dtype) is
+        # free; its LayerNorm computes in float32 and wants float32 weights.
+        self.model.to(dtype)
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the model computes in."""
+        return self._dtype
 
     @property
     def model_name(self) -> str:
@@ -515,16 +532,26 @@ class SpeechRecognizer:
     @torch.inference_mode()
     def _transcribe_long(self, clip: np.ndarray, language: str | None) -> Transcription:
         """Clips over 30 s: whisper's sliding 30-s windows, greedy, no timestamps in text."""
-        result = self.model.transcribe(
-            clip,
-            language=language,
-            task="transcribe",
-            temperature=0.0,
-            beam_size=self._options.beam_size,
-            fp16=self._fp16,
-            condition_on_previous_text=False,
-            verbose=None,
-        )
+        # whisper.transcribe knows float16 and float32 only: a bfloat16 model decodes these
+        # rare clips in float32 (lossless round trip; ~0.1 s of casting against seconds of
+        # decoding). Model calls run one at a time, so no batch sees the float32 weights.
+        bf16 = self._dtype == torch.bfloat16
+        if bf16:
+            self._cast(torch.float32)
+        try:
+            result = self.model.transcribe(
+                clip,
+                language=language,
+                task="transcribe",
+                temperature=0.0,
+                beam_size=self._options.beam_size,
+                fp16=self._fp16,
+                condition_on_previous_text=False,
+                verbose=None,
+            )
+        finally:
+            if bf16:
+                self._cast(self._dtype)
         return Transcription(
             text=result["text"].strip(),
             language=result["language"] if self.multilingual else "en",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -29,7 +30,10 @@ MIN_ROWS = 200  # rows fetched at least, so aggregation sees every paraphrase of
 # (BANKING77 0.919, CLINC150 0.915 @ NA recall 0.70) at a quarter of the hits pymilvus parses
 # in Python, the store's main CPU cost under load (docs/benchmarks.md).
 LEXICAL_ROWS = 50
-ENCODE_CHUNK = 16  # questions per encoder forward pass within one batch, on CPU
+# Questions per encoder forward pass within one batch, on CPU, by precision: length-sorted
+# chunks pad less than one pass over the batch. 2 cores, BANKING77 questions, batch of 64:
+# float32 355/s at 16 (216/s at 64); bfloat16 712/s at 32, 700/s at 16, 645/s at 64.
+ENCODE_CHUNK = {"float32": 16, "bfloat16": 32}
 LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most this often
 MAX_QUESTIONS = 200  # paraphrases per entry
 MAX_ID_CHARS = 256
@@ -124,8 +128,7 @@ Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Done
 @dataclass(frozen=True)
 class _SearchItem:
     knowledge_base: str
-    vector: np.ndarray
-    text: str
+    query: np.ndarray | str  # a unit vector for the dense route, a text for BM25
     limit: int
     locale: str
     tags: tuple[str, ...]
@@ -310,7 +313,10 @@ class Pipeline:
             )
 
         batcher("text encoder", self._encode_batch, self._text_exec, s.max_batch, s.max_wait_ms)
-        batcher("search", self._search_batch, self._store_exec, s.max_batch, 0.0)
+        batcher("dense search", functools.partial(self._search_batch, "dense"),
+                self._store_exec, s.max_batch, 0.0)
+        batcher("lexical search", functools.partial(self._search_batch, "lexical"),
+                self._store_exec, s.max_batch, 0.0)
         if self.speech is not None:
             batcher("speech", self._transcribe_batch, self._speech_exec,
                     s.speech_max_batch, s.speech_max_wait_ms)
@@ -340,10 +346,11 @@ class Pipeline:
 
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         assert self.encoder is not None
-        # On CPU, length-sorted chunks of 16: less padding than one pass over the whole batch
-        # (2 cores: 275 sentences/s at batch 8-16, 204/s at 64; docs/bench_text.md). A GPU
-        # takes the whole batch in one pass.
-        chunk = ENCODE_CHUNK if self.device == "cpu" else max(1, len(texts))
+        # A GPU takes the whole batch in one pass.
+        chunk = (
+            ENCODE_CHUNK.get(str(self.encoder.dtype).removeprefix("torch."), 16)
+            if self.device == "cpu" else max(1, len(texts))
+        )
         return list(self.encoder.encode_sorted(texts, batch_size=chunk))
 
     def _transcribe_batch(self, items: list[tuple[np.ndarray, str, str]]) -> list:
@@ -396,19 +403,18 @@ class Pipeline:
         assert self.image_encoder is not None
         return list(self.image_encoder.embed_images(images))
 
-    def _search_batch(self, items: list[_SearchItem]) -> list[tuple]:
+    def _search_batch(self, route: str, items: list[_SearchItem]) -> list:
         assert self.store is not None
+        search = self.store.search_dense if route == "dense" else self.store.search_lexical
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault((it.knowledge_base, it.limit, it.locale, it.tags), []).append(i)
         out: list = [None] * len(items)
         for (kb, limit, locale, tags), idx in groups.items():
+            queries = [items[i].query for i in idx]
             try:
-                found = self.store.search(
-                    kb, np.stack([items[i].vector for i in idx]), [items[i].text for i in idx],
-                    limit=limit, locale=locale, tags=tags,
-                    lexical=self.rank_options.lexical_weight > 0, lexical_limit=LEXICAL_ROWS,
-                )
+                found = search(kb, np.stack(queries) if route == "dense" else queries,
+                               limit=limit, locale=locale, tags=tags)
             except Exception as e:  # noqa: BLE001 - one group's failure is its callers' alone
                 found = [e] * len(idx)
             for i, r in zip(idx, found, strict=True):
@@ -552,19 +558,33 @@ class Pipeline:
         yield Done(timings)
 
     async def _ranked(self, req: AskRequest, q: _Query, timings: Timings) -> list[RankedEntry]:
-        t0 = time.perf_counter()
-        vector = await self._submit("text encoder", q.text, req.timeout)
-        timings.embed_us += _us(t0)
-        t0 = time.perf_counter()
         limit = max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER)
-        dense, lexical = await self._submit(
-            "search",
-            _SearchItem(req.knowledge_base, vector, q.text, limit, req.locale, req.tags),
-            req.timeout,
-        )
-        timings.search_us += _us(t0)
+
+        def item(query: np.ndarray | str, rows: int) -> _SearchItem:
+            return _SearchItem(req.knowledge_base, query, rows, req.locale, req.tags)
+
+        # BM25 needs only the text: it searches while the question is being embedded, so a
+        # lone question waits for the encoder and the dense search, not for BM25 as well.
+        lexical = None
+        if self.rank_options.lexical_weight > 0:
+            lexical = asyncio.ensure_future(self._submit(
+                "lexical search", item(q.text, min(limit, LEXICAL_ROWS)), req.timeout
+            ))
+        try:
+            t0 = time.perf_counter()
+            vector = await self._submit("text encoder", q.text, req.timeout)
+            timings.embed_us += _us(t0)
+            t0 = time.perf_counter()
+            dense = await self._submit("dense search", item(vector, limit), req.timeout)
+            found = await lexical if lexical is not None else []
+            timings.search_us += _us(t0)
+        finally:
+            if lexical is not None and not lexical.done():
+                lexical.cancel()
+            elif lexical is not None and not lexical.cancelled():
+                lexical.exception()  # retrieved: an encoder failure is the one reported
         t0 = time.perf_counter()
-        ranked = rank(dense, lexical, self.rank_options, extra_routes=q.routes)
+        ranked = rank(dense, found, self.rank_options, extra_routes=q.routes)
         timings.rank_us += _us(t0)
         return ranked
 

@@ -502,7 +502,46 @@ class KnowledgeStore:
         Returns:
             Per question, (dense hits, lexical hits), best first, stale rows removed.
         """
+        wait_lexical = (
+            self._start_lexical(kb, texts, min(limit, lexical_limit or limit), locale, tags)
+            if lexical else None
+        )
+        # Both routes are in flight at once: a lone question waits for the slower route, not
+        # for both (docs/bench_text.md).
+        dense = self.search_dense(kb, vectors, limit=limit, locale=locale, tags=tags)
+        lex = wait_lexical() if wait_lexical else [[] for _ in texts]
+        return list(zip(dense, lex, strict=True))
+
+    def search_dense(self, kb: str, vectors: np.ndarray, *, limit: int, locale: str = "",
+                     tags: Sequence[str] = ()) -> list[list[RowHit]]:
+        """The dense route alone: per (nq, dim) unit vector, rows best first."""
+        return self._start(kb, "vector", [v.tolist() for v in vectors], limit, locale, tags)()
+
+    def search_lexical(self, kb: str, texts: Sequence[str], *, limit: int, locale: str = "",
+                       tags: Sequence[str] = ()) -> list[list[RowHit]]:
+        """The BM25 route alone: per question text, rows best first (none for a blank text,
+        or when the store keeps no BM25 index)."""
+        return self._start_lexical(kb, texts, limit, locale, tags)()
+
+    def _start_lexical(self, kb: str, texts: Sequence[str], limit: int, locale: str,
+                       tags: Sequence[str]):
+        nonempty = [i for i, t in enumerate(texts) if t.strip()] if self.lexical else []
+        wait = self._start(kb, "sparse", [texts[i] for i in nonempty], limit, locale, tags)
+
+        def result() -> list[list[RowHit]]:
+            out: list[list[RowHit]] = [[] for _ in texts]
+            for i, hits in zip(nonempty, wait(), strict=True):
+                out[i] = hits
+            return out
+
+        return result
+
+    def _start(self, kb: str, field: str, data: list, limit: int, locale: str,
+               tags: Sequence[str]):
+        """Sends one route's search; returns the function that waits for its live rows."""
         state = self._kb(kb)
+        if not data:
+            return list
         filters = []
         if locale:
             filters.append(f'(locale == {_quote(locale)} or locale == "")')
@@ -510,29 +549,11 @@ class KnowledgeStore:
             filters.append(
                 "(" + " or ".join(f"tags like {_quote('%|' + t + '|%')}" for t in tags) + ")"
             )
-        expr = " and ".join(filters)
-        limit = min(limit, MAX_SEARCH_LIMIT)
-        lex: list = [[] for _ in texts]
-        nonempty = [i for i, t in enumerate(texts) if t.strip()] if lexical and self.lexical else []
-        # Both routes are in flight at once: a lone question waits for the slower route, not
-        # for both (docs/bench_text.md).
-        lexical_search = None
-        if nonempty:
-            lexical_search = self._send_search(
-                _rows_name(kb), [texts[i] for i in nonempty], "sparse",
-                min(limit, lexical_limit or limit), expr, "BM25",
-            )
-        dense = self._send_search(
-            _rows_name(kb), [v.tolist() for v in vectors], "vector", limit, expr, "IP"
+        pending = self._send_search(
+            _rows_name(kb), data, field, min(limit, MAX_SEARCH_LIMIT), " and ".join(filters),
+            "IP" if field == "vector" else "BM25",
         )
-        dense_hits = _read_hits(dense, len(vectors))
-        if lexical_search is not None:
-            for i, hits in zip(nonempty, _read_hits(lexical_search, len(nonempty)), strict=True):
-                lex[i] = hits
-        return [
-            (self._live(state, d), self._live(state, x))
-            for d, x in zip(dense_hits, lex, strict=True)
-        ]
+        return lambda: [self._live(state, hits) for hits in _read_hits(pending, len(data))]
 
     def _send_search(self, collection: str, data: list, field: str, limit: int, expr: str,
                      metric: str):

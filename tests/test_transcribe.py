@@ -278,9 +278,9 @@ def test_language_model_loops_fall_back_to_plain_decoding(tiny, speechbrain, sha
 
 
 def test_bfloat16_hears_what_float32_hears(cache_dir, speechbrain, jfk):
-    """bfloat16 (auto on CPUs with AMX) hears the words float32 hears in the speechbrain clips
-    and jfk (capitals may differ: "Yellow Pan" against "yellow pan"); a clip over 30 s goes through whisper's own loop in float32 and leaves the model in
-    bfloat16."""
+    """bfloat16 (auto on CPUs with AMX) hears the words float32 hears in the speechbrain
+    clips and jfk (capitals may differ: "Yellow Pan" against "yellow pan"); a clip over 30 s
+    goes through whisper's own loop in float32 and leaves the model in bfloat16."""
     import torch
     from supportqa_server.transcribe import SpeechRecognizer
 

@@ -7,6 +7,18 @@ from pathlib import Path
 import numpy as np
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences of at most 256 word pieces
+# Inputs are padded to a few shapes: oneDNN builds (and keeps) kernels per input shape, and
+# glibc keeps the freed buffers of odd sizes, so free-form shapes grew a server by ~1.5 GB
+# (bfloat16; ~0.8 GB float32) over 1,500 random batches, against a flat +160 MB when the
+# tokens are padded to a multiple of 8 and the rows to 1, 2, 4, then a multiple of 8.
+PAD_TOKENS = 8
+
+
+def padded_rows(n: int) -> int:
+    """Rows a batch of n is padded to: 1, 2, 4, 8, then the next multiple of 8."""
+    if n <= 8:
+        return 1 << max(0, (n - 1).bit_length())
+    return -(-n // 8) * 8
 
 
 def bundled_text_model() -> str:
@@ -58,14 +70,16 @@ class TextEncoder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         torch = self._torch
+        n = len(texts)
         batch = self._tokenizer(
-            texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+            list(texts) + [""] * (padded_rows(n) - n), padding=True, truncation=True,
+            max_length=MAX_TOKENS, pad_to_multiple_of=PAD_TOKENS, return_tensors="pt",
         ).to(self.device)
         with torch.inference_mode():
             hidden = self._model(**batch).last_hidden_state  # (N, T, H)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (N, H)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            pooled = torch.nn.functional.normalize(pooled[:n].float(), dim=-1)
         return pooled.cpu().numpy()
 
     def encode_sorted(self, texts: list[str], batch_size: int = 64) -> np.ndarray:

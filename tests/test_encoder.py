@@ -1,4 +1,5 @@
-"""Compute precision: what auto picks where, and bfloat16 text embeddings against float32."""
+"""The text encoder: what precision auto picks where, bfloat16 against float32, and the padded
+input shapes that keep its memory flat."""
 
 from __future__ import annotations
 
@@ -54,3 +55,24 @@ def test_bfloat16_embeddings_rank_as_float32(shared_data):
     assert float((q16 * q32).sum(1).min()) > 0.999
     same = ((q16 @ kb16.T).argmax(1) == (q32 @ kb32.T).argmax(1)).mean()
     assert same >= 0.97
+
+
+def test_batches_are_padded_to_few_shapes(monkeypatch):
+    """Rows go to 1, 2, 4, 8, then multiples of 8, tokens to multiples of 8; a text's vector
+    does not depend on the batch around it or on the padding."""
+    from supportqa_server import encoder as enc_mod
+    from supportqa_server.encoder import TextEncoder, padded_rows
+
+    assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 31, 64)] == [
+        1, 2, 4, 8, 8, 16, 16, 24, 32, 64]
+    enc = TextEncoder(precision="float32")
+    shapes = []
+    forward = enc._model.forward
+    monkeypatch.setattr(enc._model, "forward",
+                        lambda **kw: shapes.append(tuple(kw["input_ids"].shape)) or forward(**kw))
+    texts = ["card lost", "how do I top up my account with a bank transfer from abroad?", "pin"]
+    together = enc.encode(texts)
+    assert shapes[-1][0] == 4 and shapes[-1][1] % enc_mod.PAD_TOKENS == 0
+    alone = np.concatenate([enc.encode([t]) for t in texts])
+    assert together.shape == (3, enc.dim)
+    np.testing.assert_allclose(together, alone, atol=2e-5)

@@ -72,6 +72,12 @@ def timed(fn, *args):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
+def _auto_precision() -> str:
+    from supportqa_server.devices import resolve_precision
+
+    return str(resolve_precision("auto", "cpu")).removeprefix("torch.")
+
+
 def ours(model: str, cache_dir: Path, kb_texts: list[str]) -> list[Config]:
     """Our SpeechRecognizer, trimmed and not; for WER only, trimmed with parts of it left out.
     For tiny.en also the server's default decoding (5 beams, a KB language model from
@@ -80,23 +86,28 @@ def ours(model: str, cache_dir: Path, kb_texts: list[str]) -> list[Config]:
     import whisper
     from supportqa_server.transcribe import SpeechRecognizer
 
-    rec = SpeechRecognizer(model, "cpu", cache_dir=cache_dir)
+    rec = SpeechRecognizer(model, "cpu", cache_dir=cache_dir)  # the server's precision
+    # float32 beside it when the server's (auto) precision is another one
+    rec32 = (
+        SpeechRecognizer(model, "cpu", cache_dir=cache_dir, precision="float32")
+        if rec.dtype != torch.float32 else None
+    )
 
     greedy = rec._options
     lm = rec.knowledge_lm(kb_texts) if kb_texts else None
 
-    def with_trim(trim: bool, beams: int | None = None, lm_weight: float = 0.0):
+    def with_trim(trim: bool, beams: int | None = None, lm_weight: float = 0.0, r=rec):
         def setup(n: int):
-            rec.trim_audio = trim
-            rec._options = dataclasses.replace(greedy, beam_size=beams)
-            rec.lm_weight = lm_weight
+            r.trim_audio = trim
+            r._options = dataclasses.replace(greedy, beam_size=beams)
+            r.lm_weight = lm_weight
             return [lm] * n if lm_weight else None
 
         def serial(clip):
-            return rec.transcribe_batch([clip], lms=setup(1))[0].text
+            return r.transcribe_batch([clip], lms=setup(1))[0].text
 
         def batch(clips):
-            return [t.text for t in rec.transcribe_batch(clips, lms=setup(len(clips)))]
+            return [t.text for t in r.transcribe_batch(clips, lms=setup(len(clips)))]
 
         return serial, batch
 
@@ -129,10 +140,15 @@ def ours(model: str, cache_dir: Path, kb_texts: list[str]) -> list[Config]:
         return whisper.decode(rec.model, features, options)[0].text
 
     decoding = []
+    if rec32 is not None:
+        decoding.append(Config(model, "openai-whisper", "float32, trim on, greedy",
+                               *with_trim(True, r=rec32)))
     if model == "tiny.en" and lm is not None:
-        decoding = [
+        decoding += [
             Config(model, "openai-whisper", "trim, 5 beams + KB LM (server default)",
                    *with_trim(True, 5, 0.3)),
+            *([Config(model, "openai-whisper", "float32, trim, 5 beams + KB LM",
+                      *with_trim(True, 5, 0.3, r=rec32))] if rec32 is not None else []),
             Config(model, "openai-whisper", "trim, 5 beams", *with_trim(True, 5)),
             Config(model, "openai-whisper", "trim, greedy + KB LM", *with_trim(True, None, 0.3)),
         ]
@@ -316,7 +332,9 @@ def main() -> None:
         f"{max(durations):.1f} s, real speech) one by one, {args.rounds} round(s); jfk.flac "
         f"(11 s); batch = the first {BATCH} sentences in one call. Greedy decoding unless the "
         "setting says beams; the KB LM (weight 0.3) is built from BANKING77 train past the "
-        "synthetic questions' rows; no timestamps; language detected by base.\n"
+        "synthetic questions' rows; no timestamps; language detected by base. "
+        f"Our rows compute in the server's precision on this CPU ({_auto_precision()}); rows "
+        "named float32 are the same model in float32.\n"
     )
     print("## Latency and throughput\n")
     print(

@@ -69,3 +69,37 @@ def test_none_when_off_or_for_an_unknown_knowledge_base(pipe):
     pipe.speech.lm_weight = 0.0
     assert pipe._speech_lm("kb") is None
     assert pipe.store.reads == 0
+
+
+async def test_torch_models_run_on_one_thread(tmp_path):
+    """Text encoder and Whisper calls of a started pipeline all run on one thread: libgomp
+    stops spin-waiting once torch has more OpenMP threads than cores (a second torch thread
+    made every model call about 2x slower on 2 cores)."""
+    import threading
+
+    from supportqa_server.pipeline import AskRequest, AudioInput
+    from supportqa_server.store import EntryData
+    from supportqa_server.synth import synthesize_speech
+
+    p = Pipeline(Settings(data_dir=tmp_path, speech_model="tiny.en", ocr=False, clip_model=""))
+    await p.start()
+    try:
+        threads: set[int] = set()
+
+        def spy(fn):
+            def run(*args, **kwargs):
+                threads.add(threading.get_ident())
+                return fn(*args, **kwargs)
+            return run
+
+        p.encoder.encode_sorted = spy(p.encoder.encode_sorted)
+        p.speech.transcribe_batch = spy(p.speech.transcribe_batch)
+        await p.upsert("kb", [EntryData(id="pin", title="Reset my PIN", answer="Cards > PIN.")])
+        events = [e async for e in p.ask(p.check(
+            AskRequest(audio=AudioInput(synthesize_speech("how do I reset my PIN")),
+                       knowledge_base="kb"), audio_expected=True))]
+        heard = [e.text for e in events if isinstance(e, pipeline_module.Transcript)]
+        assert heard and "reset" in heard[0].lower()
+        assert len(threads) == 1 and threading.get_ident() not in threads
+    finally:
+        await p.close()

@@ -209,11 +209,15 @@ class Pipeline:
         self.image_encoder = None  # ImageEncoder when CLIP is configured
         self.device = "cpu"
         self.components: list[Component] = []
-        # One thread per model: its batcher runs one batch at a time there, so no locks.
-        self._text_exec = ThreadPoolExecutor(1, thread_name_prefix="text-encoder")
-        self._speech_exec = ThreadPoolExecutor(1, thread_name_prefix="speech")
+        # The torch models (text encoder, Whisper, CLIP) share one thread. torch's OpenMP
+        # (libgomp) gives each calling thread its own team, and once more OpenMP threads
+        # exist than cores it stops spin-waiting between parallel regions: on 2 cores a
+        # second torch thread made one MiniLM sentence take 13.6 ms instead of 5.9 and a
+        # Whisper clip 311 ms instead of 169, in every thread (docs/bench_summary.md). The
+        # batchers run one batch at a time there, so the models need no locks. OCR
+        # (onnxruntime, its own pool) keeps a thread of its own.
+        self._model_exec = ThreadPoolExecutor(1, thread_name_prefix="models")
         self._ocr_exec = ThreadPoolExecutor(1, thread_name_prefix="ocr")
-        self._clip_exec = ThreadPoolExecutor(1, thread_name_prefix="clip")
         self._decode_exec = ThreadPoolExecutor(2, thread_name_prefix="decode")
         self._store_exec = ThreadPoolExecutor(
             self.settings.store_threads, thread_name_prefix="store"
@@ -303,7 +307,7 @@ class Pipeline:
     async def start(self) -> None:
         """Loads everything off the event loop, then starts the batchers."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._text_exec, self.load)
+        await loop.run_in_executor(self._model_exec, self.load)
         s = self.settings
 
         def batcher(name: str, fn, executor, max_batch: int, max_wait_ms: float) -> None:
@@ -312,18 +316,18 @@ class Pipeline:
                 max_queue=s.max_queue, name=name,
             )
 
-        batcher("text encoder", self._encode_batch, self._text_exec, s.max_batch, s.max_wait_ms)
+        batcher("text encoder", self._encode_batch, self._model_exec, s.max_batch, s.max_wait_ms)
         batcher("dense search", functools.partial(self._search_batch, "dense"),
                 self._store_exec, s.max_batch, 0.0)
         batcher("lexical search", functools.partial(self._search_batch, "lexical"),
                 self._store_exec, s.max_batch, 0.0)
         if self.speech is not None:
-            batcher("speech", self._transcribe_batch, self._speech_exec,
+            batcher("speech", self._transcribe_batch, self._model_exec,
                     s.speech_max_batch, s.speech_max_wait_ms)
         if self.reader is not None:
             batcher("ocr", self._read_batch, self._ocr_exec, s.ocr_max_batch, 0.0)
         if self.image_encoder is not None:
-            batcher("image encoder", self._embed_image_batch, self._clip_exec, s.max_batch,
+            batcher("image encoder", self._embed_image_batch, self._model_exec, s.max_batch,
                     s.max_wait_ms)
         self.ready = True
 
@@ -333,8 +337,7 @@ class Pipeline:
             await b.close()
         if self.store is not None:
             self.store.close()
-        for ex in (self._text_exec, self._speech_exec, self._ocr_exec, self._clip_exec,
-                   self._decode_exec, self._store_exec):
+        for ex in (self._model_exec, self._ocr_exec, self._decode_exec, self._store_exec):
             ex.shutdown(wait=False)
 
     def _require_ready(self) -> KnowledgeStore:
@@ -374,7 +377,7 @@ class Pipeline:
     def _speech_lm(self, kb: str):
         """The knowledge base's language model for Whisper's decoding, None when off.
 
-        Runs on the speech thread only. Built on a KB's first voice question (~1 s per 10k
+        Runs on the model thread only. Built on a KB's first voice question (~1 s per 10k
         texts) and rebuilt after writes, at most once per LM_REBUILD_S: a model a few writes
         behind still knows the domain's words.
         """
@@ -749,7 +752,7 @@ class Pipeline:
         texts = [[t for _, t in e.texts()] for e in entries]
         flat = [t for ts in texts for t in ts]
         assert self.encoder is not None
-        vecs = await loop.run_in_executor(self._text_exec, self.encoder.encode_sorted, flat)
+        vecs = await loop.run_in_executor(self._model_exec, self.encoder.encode_sorted, flat)
         per_entry = _split(vecs, [len(ts) for ts in texts])
         see = None
         if self.image_encoder is not None:
@@ -784,9 +787,9 @@ class Pipeline:
                     raise type(err)(f"entry {e.id!r}, image {j + 1}: {err}") from err
         counts = [len((images or [[]] * len(entries))[i]) for i in range(len(entries))]
         flat_texts = [t for ts in texts for t in ts]
-        img_vecs = (await loop.run_in_executor(self._clip_exec, enc.embed_images, pictures)
+        img_vecs = (await loop.run_in_executor(self._model_exec, enc.embed_images, pictures)
                     if pictures else np.zeros((0, enc.dim), np.float32))
-        txt_vecs = await loop.run_in_executor(self._clip_exec, enc.embed_texts, flat_texts)
+        txt_vecs = await loop.run_in_executor(self._model_exec, enc.embed_texts, flat_texts)
         img_split = _split(img_vecs, counts)
         txt_split = _split(txt_vecs, [len(ts) for ts in texts])
         out_entries, out_vecs = [], []

@@ -27,8 +27,8 @@ DEFAULT_TOP_K = 5
 ROWS_PER_ANSWER = 40  # rows fetched per requested answer: an entry owns several rows
 MIN_ROWS = 200  # rows fetched at least, so aggregation sees every paraphrase of the leaders
 # BM25 rows per question: fusion only needs the leaders' best BM25 row. Same dev scores as 200
-# (BANKING77 0.919, CLINC150 0.915 @ NA recall 0.70) at a quarter of the hits pymilvus parses
-# in Python, the store's main CPU cost under load (docs/benchmarks.md).
+# (BANKING77 0.919, CLINC150 0.915 @ NA recall 0.70) at a quarter of the rows to read and
+# check against the committed versions (docs/benchmarks.md).
 LEXICAL_ROWS = 50
 # Questions per encoder forward pass within one batch, on CPU, by precision: length-sorted
 # chunks pad less than one pass over the batch. 2 cores, BANKING77 questions, batch of 64:

@@ -299,3 +299,37 @@ def test_bfloat16_hears_what_float32_hears(cache_dir, speechbrain, jfk):
     assert dtypes["decoder.blocks.0.mlp_ln.weight"] == torch.float32  # whisper's LayerNorm
     with pytest.raises(ValueError, match="float16 is not supported on CPU"):
         SpeechRecognizer("tiny.en", "cpu", cache_dir=cache_dir, precision="float16")
+
+
+def test_batched_beam_step_keeps_whispers_beams():
+    """The one-topk beam step gives whisper's tokens, sums, kv-cache order, finished
+    candidates and stop decision, step by step, on random logits where eot often wins."""
+    import torch
+    from supportqa_server.transcribe import _BatchedBeamDecoder
+    from whisper.decoding import BeamSearchDecoder
+
+    class Recorder:
+        def __init__(self):
+            self.orders = []
+
+        def rearrange_kv_cache(self, source_indices):
+            self.orders.append(list(source_indices))
+
+    beams, n_audio, vocab, eot = 5, 3, 50, 7
+    gen = torch.Generator().manual_seed(0)
+    ref_inf, new_inf = Recorder(), Recorder()
+    ref = BeamSearchDecoder(beams, eot, ref_inf)
+    new = _BatchedBeamDecoder(beams, eot, new_inf)
+    tokens = torch.full((n_audio * beams, 3), 1, dtype=torch.long)
+    ref_tokens, new_tokens = tokens.clone(), tokens.clone()
+    ref_sums, new_sums = torch.zeros(n_audio * beams), torch.zeros(n_audio * beams)
+    for step in range(12):
+        logits = torch.randn(n_audio * beams, vocab, generator=gen)
+        logits[:, eot] += 2.0 * (step % 3)  # eot near the top every third step
+        ref_tokens, ref_done = ref.update(ref_tokens, logits.clone(), ref_sums)
+        new_tokens, new_done = new.update(new_tokens, logits.clone(), new_sums)
+        assert torch.equal(ref_tokens, new_tokens) and torch.equal(ref_sums, new_sums)
+        assert ref_done == new_done
+    assert ref_inf.orders == new_inf.orders
+    assert ref.finished_sequences == new.finished_sequences
+    assert any(len(f) >= beams for f in new.finished_sequences)

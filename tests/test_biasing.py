@@ -105,3 +105,23 @@ def test_loop_detector_counts_repeated_runs():
     assert _repeats(tok.encode(" I don't know how to do it," * 3))
     assert not _repeats(tok.encode(" I don't know how to do it," * 2))
     assert not _repeats(tok.encode(" How do I top up my card, and how long does a top up take?"))
+
+
+def test_every_row_fused_in_place_equals_the_row_gathering_path(lm, classes):
+    """With a model on every row, the fusion runs in place on the logits; it gives what the
+    general path (some rows without a model) gives for the same rows, bit for bit."""
+    tok = classes.tokenizer
+    prefix = list(tok.sot_sequence_including_notimestamps)
+    made = [tok.encode(" I forgot my"), tok.encode(" how do I top"), tok.encode(" my")]
+    width = max(len(m) for m in made)
+    tokens = torch.tensor([prefix + [tok.eot] * (width - len(m)) + m for m in made])
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, classes.eot + 10, generator=gen) * 3
+    every = logits.clone()
+    KnowledgeBias([lm, lm, lm], weight=0.3, sample_begin=len(prefix)).apply(every, tokens)
+    padded_tokens = torch.cat([tokens, tokens[:1]])
+    some = torch.cat([logits, logits[:1]])
+    KnowledgeBias([lm, lm, lm, None], weight=0.3, sample_begin=len(prefix)).apply(
+        some, padded_tokens)
+    assert torch.equal(every, some[:3])
+    assert not torch.equal(every, logits)

@@ -151,20 +151,31 @@ class KnowledgeBias(LogitFilter):
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         rows, dists = [], []
-        for row in range(logits.shape[0]):
+        made_all = tokens[:, self.sample_begin :].tolist()  # one host copy for every row
+        for row, made in enumerate(made_all):
             lm = self.models[row // self.beams]
             if lm is None:
                 continue
-            made = tokens[row, self.sample_begin :].tolist()[-(lm.order - 1) :]
             of = lm.classes.of_token
             rows.append(row)
-            dists.append(lm.log_probs([int(of[t]) for t in made if t < lm.classes.eot]))
+            dists.append(lm.log_probs(
+                [int(of[t]) for t in made[-(lm.order - 1) :] if t < lm.classes.eot]
+            ))
         if not rows:
             return
         cls = next(m for m in self.models if m is not None).classes
-        idx = torch.tensor(rows, device=logits.device)
         lp = torch.stack(dists)[:, cls._of_token_t[: cls.eot]].to(logits.device)  # (R, eot)
-        text = logits[idx, : cls.eot].float()  # text tokens, eot excluded
-        fused = text + self.weight * lp
+        lp.mul_(self.weight)
+        if len(rows) == logits.shape[0] and logits.dtype == torch.float32:
+            # Every row fused (the usual case): in place on whisper's float32 logits, the
+            # same operations in the same order, without gathering and scattering rows.
+            text = logits[:, : cls.eot]  # text tokens, eot excluded (a view)
+            before = torch.logsumexp(text, 1, keepdim=True)
+            text.add_(lp)
+            text.add_(before - torch.logsumexp(text, 1, keepdim=True))
+            return
+        idx = torch.tensor(rows, device=logits.device)
+        text = logits[idx, : cls.eot].float()
+        fused = text + lp
         fused += torch.logsumexp(text, 1, keepdim=True) - torch.logsumexp(fused, 1, keepdim=True)
         logits[idx, : cls.eot] = fused.to(logits.dtype)

@@ -333,3 +333,30 @@ def test_batched_beam_step_keeps_whispers_beams():
     assert ref_inf.orders == new_inf.orders
     assert ref.finished_sequences == new.finished_sequences
     assert any(len(f) >= beams for f in new.finished_sequences)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_prior_attention_is_attention_over_all_positions(shared):
+    """Per clip (or one for all clips), the prior's positions joined to the clip's: the
+    output equals plain attention over the concatenated keys and values, row by row, with
+    each clip's beams in consecutive rows."""
+    import torch
+    from supportqa_server.transcribe import _SharedPriorCrossAttention
+
+    gen = torch.Generator().manual_seed(2)
+    clips, beams, heads, d, c, length, t = 3, 4, 2, 8, 5, 7, 2
+    width = heads * d
+    priors = [(torch.randn(length, width, generator=gen), torch.randn(length, width, generator=gen))
+              for _ in range(1 if shared else clips)]
+    per_clip = [priors[0]] * clips if shared else priors
+    q = torch.randn(clips * beams, t, width, generator=gen)
+    k = torch.randn(clips * beams, c, width, generator=gen)
+    v = torch.randn(clips * beams, c, width, generator=gen)
+    out, _ = _SharedPriorCrossAttention(heads, per_clip)(q, k, v)
+    for row in range(clips * beams):
+        kp, vp = per_clip[row // beams]
+        keys, values = torch.cat([k[row], kp]), torch.cat([v[row], vp])
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            w = (q[row, :, cols] @ keys[:, cols].T * d**-0.5).softmax(-1)
+            torch.testing.assert_close(out[row, :, cols], w @ values[:, cols])

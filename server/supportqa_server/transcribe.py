@@ -207,28 +207,28 @@ class _SharedPriorCrossAttention:
 
     Trimmed, a clip's 1500 encoder positions are its own ~100-300 followed by its silence
     prior's; in a batch every row would carry (and each decoding step read) its own copy of
-    those prior keys and values, 8 x ~1300 x D per layer and step. Here ``k``/``v`` hold
-    only the clips' positions (up to the longest clip's; shorter rows are filled with their
-    prior's outputs, as the 1500-position form has them) and each distinct prior's keys and
-    values past that point are read once for the rows that use it. Softmax over both parts is
+    those prior keys and values, 8 x 5 beams x ~1300 x D per layer and step. Here ``k``/``v``
+    hold only the clips' positions (up to the longest clip's; shorter rows are filled with
+    their prior's outputs, as the 1500-position form has them) and each clip's prior keys and
+    values past that point are read once for its beams, all clips in one batched product (or
+    once for the whole batch when every clip has the same prior). Softmax over both parts is
     exact attention over the same 1500 positions, summed in another order.
 
     Installed on a decoder block's ``cross_attn`` as the instance's ``qkv_attention`` for one
-    decoding call. Beam search moves rows only within a clip's group of beams, so a row's
-    prior stays its clip's.
+    decoding call. Beam search keeps clip i's beams in rows i * beams .. + beams - 1 (it
+    regroups rows only within a clip), so a row's prior stays its clip's.
     """
 
-    def __init__(self, n_head: int, priors: list[tuple[torch.Tensor, torch.Tensor]],
-                 rows: list[list[int]]) -> None:
+    def __init__(self, n_head: int, priors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``priors``: per clip, its prior's keys and values past the clip part (L, D)."""
         self.n_head = n_head
         d = priors[0][0].shape[-1] // n_head
-        # per distinct prior: keys, values past the clip part, head-major (H, L, d)
-        self.priors = [
-            tuple(x.view(-1, n_head, d).transpose(0, 1).contiguous() for x in kv)
-            for kv in priors
-        ]
-        self.rows = [torch.tensor(r, device=priors[0][0].device) for r in rows]
-        self.all_rows = len(rows) == 1  # one prior for the whole batch: no row gathers
+        shared = all(kv is priors[0] for kv in priors)
+        # keys, values past the clip part, head-major: (P, H, L, d), P = 1 when shared
+        self.kp, self.vp = (
+            torch.stack([x.view(-1, n_head, d).transpose(0, 1) for x in part])
+            for part in zip(*(priors[:1] if shared else priors), strict=True)
+        )
         # The clip part's keys and values stay the same tensors through a decoding call (the
         # beams' rearrangement leaves cross-attention alone: SpeechRecognizer._run), so their
         # head-major copies are made once: (k, keys, values).
@@ -244,26 +244,24 @@ class _SharedPriorCrossAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
         n_batch, n_tok, n_state = q.shape
         h, d = self.n_head, n_state // self.n_head
+        p = self.kp.shape[0]  # priors: one per clip, or one for all rows
+        g = n_batch // p  # rows per prior
         scale = d**-0.5
         qh = q.view(n_batch, n_tok, h, d).permute(0, 2, 1, 3)  # (B, H, T, d)
         kh, vh = self._head_major(k, v, h, d)  # (B, H, C, d)
         s_clip = (qh @ kh.transpose(-1, -2)).float() * scale  # (B, H, T, C)
         c = s_clip.shape[-1]
-        out = qh if self.all_rows else torch.empty_like(qh)  # all rows: replaced below
-        for (kph, vph), idx in zip(self.priors, self.rows, strict=True):
-            n = len(idx)
-            q_rows, s_rows, v_rows = (qh, s_clip, vh) if self.all_rows else (
-                qh[idx], s_clip[idx], vh[idx])
-            q2 = q_rows.permute(1, 0, 2, 3).reshape(h, n * n_tok, d)  # (H, n*T, d)
-            s_prior = (q2 @ kph.transpose(-1, -2)).float() * scale  # (H, n*T, L): prior read once
-            s_prior = s_prior.view(h, n, n_tok, -1).permute(1, 0, 2, 3)  # (n, H, T, L)
-            w = torch.cat([s_rows, s_prior], dim=-1).softmax(dim=-1).to(q.dtype)
-            w_prior = w[..., c:].permute(1, 0, 2, 3).reshape(h, n * n_tok, -1)
-            part = (w_prior @ vph).view(h, n, n_tok, d).permute(1, 0, 2, 3)
-            if self.all_rows:
-                out = w[..., :c] @ v_rows + part
-            else:
-                out[idx] = w[..., :c] @ v_rows + part
+        # (P, H, g*T, d) @ (P, H, d, L): each prior read once for its rows
+        q2 = qh.reshape(p, g, h, n_tok, d).transpose(1, 2).reshape(p, h, g * n_tok, d)
+        s_prior = (q2 @ self.kp.transpose(-1, -2)).float() * scale  # (P, H, g*T, L)
+        s_prior = s_prior.view(p, h, g, n_tok, -1).transpose(1, 2).reshape(
+            n_batch, h, n_tok, -1)  # (B, H, T, L)
+        w = torch.cat([s_clip, s_prior], dim=-1).softmax(dim=-1).to(q.dtype)
+        w_prior = w[..., c:].reshape(p, g, h, n_tok, -1).transpose(1, 2).reshape(
+            p, h, g * n_tok, -1)
+        part = (w_prior @ self.vp).view(p, h, g, n_tok, d).transpose(1, 2).reshape(
+            n_batch, h, n_tok, d)
+        out = w[..., :c] @ vh + part
         return out.permute(0, 2, 1, 3).flatten(start_dim=2), None
 
 
@@ -497,21 +495,16 @@ class SpeechRecognizer:
 
     def _shared_prior_decode(self, features, row_priors, n_clip, options, lms):
         """whisper.decode with the clips' positions only and each prior's read once a step."""
-        distinct: dict[int, tuple[_SilencePrior, list[int]]] = {}
         beams = options.beam_size or 1
-        for row, prior in enumerate(row_priors):
-            # Beam search keeps a clip's beams in rows row * beams .. + beams - 1 (it regroups
-            # rows only within a clip), so they read the clip's prior too.
-            distinct.setdefault(id(prior), (prior, []))[1].extend(
-                range(row * beams, (row + 1) * beams)
-            )
         blocks = self.model.decoder.blocks
         try:
             for layer, block in enumerate(blocks):
-                parts = [(p.cross_kv[layer][0][n_clip:], p.cross_kv[layer][1][n_clip:])
-                         for p, _ in distinct.values()]
+                parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                for prior in row_priors:  # clips sharing a prior share its tensors
+                    parts.setdefault(id(prior), (prior.cross_kv[layer][0][n_clip:],
+                                                 prior.cross_kv[layer][1][n_clip:]))
                 block.cross_attn.qkv_attention = _SharedPriorCrossAttention(
-                    block.cross_attn.n_head, parts, [rows for _, rows in distinct.values()]
+                    block.cross_attn.n_head, [parts[id(pr)] for pr in row_priors]
                 )
             return self._run(features[:, :n_clip].contiguous(), options, lms, beams)
         finally:

@@ -108,8 +108,8 @@ def test_loop_detector_counts_repeated_runs():
 
 
 def test_every_row_fused_in_place_equals_the_row_gathering_path(lm, classes):
-    """With a model on every row, the fusion runs in place on the logits; it gives what the
-    general path (some rows without a model) gives for the same rows, bit for bit."""
+    """The fused rows come out bit for bit the same whether or not the batch also holds a
+    row without a model."""
     tok = classes.tokenizer
     prefix = list(tok.sot_sequence_including_notimestamps)
     made = [tok.encode(" I forgot my"), tok.encode(" how do I top"), tok.encode(" my")]

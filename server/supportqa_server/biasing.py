@@ -2,9 +2,9 @@
 
 Whisper tiny.en mishears domain words that it has little prior for ("PIN" as "BIM", "top-up"
 as "taper", "ATM" as "8AM"). The knowledge base says which words callers of this bot use, so
-each decoding step adds ``weight * log P_kb(token | two previous tokens)`` to Whisper's
-logits (shallow fusion, Gulcehre et al. 2015; Kannan et al. 2018). P_kb is a token trigram
-with interpolated absolute discounting (Ney et al. 1994) over the KB's own texts. Tokens are
+each decoding step adds ``weight * log P_kb(token | three previous tokens)`` to Whisper's
+logits (shallow fusion, Gulcehre et al. 2015; Kannan et al. 2018). P_kb is a token 4-gram
+(ORDER) with interpolated absolute discounting (Ney et al. 1994) over the KB's own texts. Tokens are
 folded to lower case classes (" PIN" and " pin" are one class), so the KB's casing does not
 matter. The interpolation ends in a uniform floor, so words the KB never uses stay reachable:
 the model tilts close calls, it does not restrict the vocabulary.
@@ -150,32 +150,21 @@ class KnowledgeBias(LogitFilter):
         self.beams = beams
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        rows, dists = [], []
-        made_all = tokens[:, self.sample_begin :].tolist()  # one host copy for every row
-        for row, made in enumerate(made_all):
-            lm = self.models[row // self.beams]
-            if lm is None:
-                continue
-            of = lm.classes.of_token
-            rows.append(row)
-            dists.append(lm.log_probs(
-                [int(of[t]) for t in made[-(lm.order - 1) :] if t < lm.classes.eot]
-            ))
-        if not rows:
+        models = [self.models[row // self.beams] for row in range(logits.shape[0])]
+        cls = next((m.classes for m in models if m is not None), None)
+        if cls is None:
             return
-        cls = next(m for m in self.models if m is not None).classes
+        made_all = tokens[:, self.sample_begin :].tolist()  # one host copy for every row
+        dists = [
+            torch.zeros(cls.n_classes) if lm is None else lm.log_probs(
+                [int(cls.of_token[t]) for t in made[-(lm.order - 1) :] if t < cls.eot])
+            for lm, made in zip(models, made_all, strict=True)
+        ]
         lp = torch.stack(dists)[:, cls._of_token_t[: cls.eot]].to(logits.device)  # (R, eot)
         lp.mul_(self.weight)
-        if len(rows) == logits.shape[0] and logits.dtype == torch.float32:
-            # Every row fused (the usual case): in place on whisper's float32 logits, the
-            # same operations in the same order, without gathering and scattering rows.
-            text = logits[:, : cls.eot]  # text tokens, eot excluded (a view)
-            before = torch.logsumexp(text, 1, keepdim=True)
-            text.add_(lp)
-            text.add_(before - torch.logsumexp(text, 1, keepdim=True))
-            return
-        idx = torch.tensor(rows, device=logits.device)
-        text = logits[idx, : cls.eot].float()
-        fused = text + lp
-        fused += torch.logsumexp(text, 1, keepdim=True) - torch.logsumexp(fused, 1, keepdim=True)
-        logits[idx, : cls.eot] = fused.to(logits.dtype)
+        # In place on whisper's float32 logits. A row without a model adds zeros, and its
+        # two log-sum-exps are equal, so it comes out bit for bit as it went in.
+        text = logits[:, : cls.eot]  # text tokens, eot excluded (a view)
+        before = torch.logsumexp(text, 1, keepdim=True)
+        text.add_(lp)
+        text.add_(before - torch.logsumexp(text, 1, keepdim=True))

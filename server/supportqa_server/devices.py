@@ -44,6 +44,17 @@ def configure_threads(torch_threads: int) -> int:
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_precision(name: str) -> str:
+    """The name, if it is one of PRECISIONS.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    return name
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
     import torch
@@ -68,9 +79,7 @@ def resolve_precision(name: str, device: str):
     """
     import torch
 
-    if name not in PRECISIONS:
-        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
-    if name == "auto":
+    if check_precision(name) == "auto":
         if device.startswith("cuda"):
             return torch.float16
         if device == "cpu" and cpu_has_bf16():

@@ -178,6 +178,11 @@ class Component:
     detail: str = ""
 
 
+def _dtype_name(dtype) -> str:
+    """"bfloat16" for torch.bfloat16 (the pipeline keeps torch out of its imports)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _us(t0: float) -> int:
     return int((time.perf_counter() - t0) * 1e6)
 
@@ -242,7 +247,7 @@ class Pipeline:
                  time.perf_counter() - t0)
         self.components.append(Component(
             "text_encoder", self.encoder.model_name, self.device,
-            detail=str(self.encoder.dtype).removeprefix("torch."),
+            detail=_dtype_name(self.encoder.dtype),
         ))
         self._load_speech()
         self._load_ocr()
@@ -276,7 +281,7 @@ class Pipeline:
         log.info("speech %s in %.1f s", s.speech_model, time.perf_counter() - t0)
         self.components.append(Component(
             "speech", s.speech_model, self.device,
-            detail=str(self.speech.dtype).removeprefix("torch."),
+            detail=_dtype_name(self.speech.dtype),
         ))
 
     def _load_ocr(self) -> None:
@@ -351,7 +356,7 @@ class Pipeline:
         assert self.encoder is not None
         # A GPU takes the whole batch in one pass.
         chunk = (
-            ENCODE_CHUNK.get(str(self.encoder.dtype).removeprefix("torch."), 16)
+            ENCODE_CHUNK.get(_dtype_name(self.encoder.dtype), 16)
             if self.device == "cpu" else max(1, len(texts))
         )
         return list(self.encoder.encode_sorted(texts, batch_size=chunk))

@@ -101,11 +101,9 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _check_precision(cls, v: str) -> str:
-        from .devices import PRECISIONS
+        from .devices import check_precision
 
-        if v not in PRECISIONS:
-            raise ValueError(f"precision {v!r} is not one of {', '.join(PRECISIONS)}")
-        return v
+        return check_precision(v)
 
     @field_validator("threshold")
     @classmethod

@@ -138,6 +138,16 @@ def _read_hits(pending, nq: int) -> list[list[tuple[str, float]]]:
     return out + [[] for _ in range(nq - len(out))]  # an empty collection sends no topks
 
 
+def _committed_row(state: _KB, pk: str) -> tuple[EntryData, int] | None:
+    """(entry, row index) of a row key "id\x1fversion\x1findex" whose version is committed;
+    None for a stale or uncommitted row."""
+    entry_id, version, index = pk.split("\x1f")
+    current = state.committed.get(entry_id)
+    if current is None or current[0] != int(version):
+        return None
+    return current[1], int(index)
+
+
 def _rows_name(kb: str) -> str:
     return f"sqa_{kb}_rows"
 
@@ -466,16 +476,15 @@ class KnowledgeStore:
         for hits in found:
             live = []
             for pk, score in hits:
-                entry_id, version, index = pk.split("\x1f")
-                current = state.committed.get(entry_id)
-                if current is None or current[0] != int(version):
+                row = _committed_row(state, pk)
+                if row is None:
                     continue
-                e, i = current[1], int(index)
+                e, i = row
                 if i < e.image_count:
                     kind, text = "image", f"[image {i + 1} of {e.title or e.id}]"
                 else:
                     kind, text = e.texts()[i - e.image_count]
-                live.append(RowHit(entry_id, kind, text, score))
+                live.append(RowHit(e.id, kind, text, score))
             out.append(live)
         return out
 
@@ -570,9 +579,8 @@ class KnowledgeStore:
         """Row hits of committed versions, their texts taken from memory (not sent by Milvus)."""
         out = []
         for pk, score in hits:
-            entry_id, version, index = pk.split("\x1f")
-            current = state.committed.get(entry_id)
-            if current is not None and current[0] == int(version):
-                kind, text = current[1].texts()[int(index)]
-                out.append(RowHit(entry_id, kind, text, score))
+            row = _committed_row(state, pk)
+            if row is not None:
+                kind, text = row[0].texts()[row[1]]
+                out.append(RowHit(row[0].id, kind, text, score))
         return out

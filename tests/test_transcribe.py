@@ -350,9 +350,10 @@ def test_shared_prior_attention_is_attention_over_all_positions(shared):
               for _ in range(1 if shared else clips)]
     per_clip = [priors[0]] * clips if shared else priors
     q = torch.randn(clips * beams, t, width, generator=gen)
-    k = torch.randn(clips * beams, c, width, generator=gen)
-    v = torch.randn(clips * beams, c, width, generator=gen)
-    out, _ = _SharedPriorCrossAttention(heads, per_clip)(q, k, v)
+    # a clip's beams share its audio: equal keys and values in its rows
+    k = torch.randn(clips, c, width, generator=gen).repeat_interleave(beams, dim=0)
+    v = torch.randn(clips, c, width, generator=gen).repeat_interleave(beams, dim=0)
+    out, _ = _SharedPriorCrossAttention(heads, per_clip, beams)(q, k, v)
     for row in range(clips * beams):
         kp, vp = per_clip[row // beams]
         keys, values = torch.cat([k[row], kp]), torch.cat([v[row], vp])

@@ -202,26 +202,42 @@ class _FeaturesTask(DecodingTask):
         return languages, probs
 
 
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H, T, e) -> (groups, H, B / groups * T, e): consecutive rows side by side."""
+    b, h, t, e = x.shape
+    return x.reshape(groups, b // groups, h, t, e).transpose(1, 2).reshape(groups, h, -1, e)
+
+
+def _ungrouped(x: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """The inverse of _grouped: (groups, H, B / groups * T, e) -> (B, H, T, e)."""
+    groups, h, _, e = x.shape
+    return x.view(groups, h, b // groups, t, e).transpose(1, 2).reshape(b, h, t, e)
+
+
 class _SharedPriorCrossAttention:
-    """Decoder cross-attention over a clip's own positions plus its silence prior's, shared.
+    """Decoder cross-attention that reads each clip's keys and values once for its beams.
 
     Trimmed, a clip's 1500 encoder positions are its own ~100-300 followed by its silence
     prior's; in a batch every row would carry (and each decoding step read) its own copy of
-    those prior keys and values, 8 x 5 beams x ~1300 x D per layer and step. Here ``k``/``v``
-    hold only the clips' positions (up to the longest clip's; shorter rows are filled with
-    their prior's outputs, as the 1500-position form has them) and each clip's prior keys and
-    values past that point are read once for its beams, all clips in one batched product (or
-    once for the whole batch when every clip has the same prior). Softmax over both parts is
-    exact attention over the same 1500 positions, summed in another order.
+    both, 8 clips x 5 beams x 1500 x D per layer and step, though a clip's beams share its
+    audio. Here ``k``/``v`` hold only the clips' positions (up to the longest clip's; shorter
+    rows are filled with their prior's outputs, as the 1500-position form has them), of which
+    one row per clip is read, for all its beams at once; each clip's prior keys and values
+    past that point are read once for its beams too (or once for the whole batch when every
+    clip has the same prior). Both are one batched product over clips. Softmax over both
+    parts is exact attention over the same 1500 positions, summed in another order.
 
     Installed on a decoder block's ``cross_attn`` as the instance's ``qkv_attention`` for one
     decoding call. Beam search keeps clip i's beams in rows i * beams .. + beams - 1 (it
-    regroups rows only within a clip), so a row's prior stays its clip's.
+    regroups rows only within a clip, and _keep_cross_attention_in_place leaves the cross
+    keys where they are), so rows i * beams .. hold clip i's audio and its prior.
     """
 
-    def __init__(self, n_head: int, priors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, n_head: int, priors: list[tuple[torch.Tensor, torch.Tensor]],
+                 beams: int = 1) -> None:
         """``priors``: per clip, its prior's keys and values past the clip part (L, D)."""
         self.n_head = n_head
+        self.beams = beams
         d = priors[0][0].shape[-1] // n_head
         shared = all(kv is priors[0] for kv in priors)
         # keys, values past the clip part, head-major: (P, H, L, d), P = 1 when shared
@@ -229,39 +245,33 @@ class _SharedPriorCrossAttention:
             torch.stack([x.view(-1, n_head, d).transpose(0, 1) for x in part])
             for part in zip(*(priors[:1] if shared else priors), strict=True)
         )
-        # The clip part's keys and values stay the same tensors through a decoding call (the
-        # beams' rearrangement leaves cross-attention alone: SpeechRecognizer._run), so their
-        # head-major copies are made once: (k, keys, values).
+        # The clip part's keys and values stay the same tensors through a decoding call, so
+        # their head-major copies, one row per clip, are made once: (k, keys, values).
         self._heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _head_major(self, k: torch.Tensor, v: torch.Tensor, h: int, d: int):
         if self._heads is None or self._heads[0] is not k:
-            n = k.shape[0]
-            self._heads = (k, k.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(),
-                           v.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous())
+            k1, v1 = k[:: self.beams], v[:: self.beams]  # (clips, C, D)
+            n = k1.shape[0]
+            self._heads = (k, k1.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(),
+                           v1.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous())
         return self._heads[1], self._heads[2]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
         n_batch, n_tok, n_state = q.shape
         h, d = self.n_head, n_state // self.n_head
-        p = self.kp.shape[0]  # priors: one per clip, or one for all rows
-        g = n_batch // p  # rows per prior
         scale = d**-0.5
         qh = q.view(n_batch, n_tok, h, d).permute(0, 2, 1, 3)  # (B, H, T, d)
-        kh, vh = self._head_major(k, v, h, d)  # (B, H, C, d)
-        s_clip = (qh @ kh.transpose(-1, -2)).float() * scale  # (B, H, T, C)
+        kh, vh = self._head_major(k, v, h, d)  # (clips, H, C, d)
+        n_clips, n_priors = kh.shape[0], self.kp.shape[0]
+        # (groups, H, rows * T, d) @ (groups, H, d, positions), back to (B, H, T, positions)
+        s_clip = _ungrouped(_grouped(qh, n_clips) @ kh.transpose(-1, -2), n_batch, n_tok)
+        s_prior = _ungrouped(_grouped(qh, n_priors) @ self.kp.transpose(-1, -2),
+                             n_batch, n_tok)
         c = s_clip.shape[-1]
-        # (P, H, g*T, d) @ (P, H, d, L): each prior read once for its rows
-        q2 = qh.reshape(p, g, h, n_tok, d).transpose(1, 2).reshape(p, h, g * n_tok, d)
-        s_prior = (q2 @ self.kp.transpose(-1, -2)).float() * scale  # (P, H, g*T, L)
-        s_prior = s_prior.view(p, h, g, n_tok, -1).transpose(1, 2).reshape(
-            n_batch, h, n_tok, -1)  # (B, H, T, L)
-        w = torch.cat([s_clip, s_prior], dim=-1).softmax(dim=-1).to(q.dtype)
-        w_prior = w[..., c:].reshape(p, g, h, n_tok, -1).transpose(1, 2).reshape(
-            p, h, g * n_tok, -1)
-        part = (w_prior @ self.vp).view(p, h, g, n_tok, d).transpose(1, 2).reshape(
-            n_batch, h, n_tok, d)
-        out = w[..., :c] @ vh + part
+        w = (torch.cat([s_clip, s_prior], dim=-1).float() * scale).softmax(dim=-1).to(q.dtype)
+        out = (_ungrouped(_grouped(w[..., :c], n_clips) @ vh, n_batch, n_tok)
+               + _ungrouped(_grouped(w[..., c:], n_priors) @ self.vp, n_batch, n_tok))
         return out.permute(0, 2, 1, 3).flatten(start_dim=2), None
 
 
@@ -504,7 +514,7 @@ class SpeechRecognizer:
                     parts.setdefault(id(prior), (prior.cross_kv[layer][0][n_clip:],
                                                  prior.cross_kv[layer][1][n_clip:]))
                 block.cross_attn.qkv_attention = _SharedPriorCrossAttention(
-                    block.cross_attn.n_head, [parts[id(pr)] for pr in row_priors]
+                    block.cross_attn.n_head, [parts[id(pr)] for pr in row_priors], beams
                 )
             return self._run(features[:, :n_clip].contiguous(), options, lms, beams)
         finally:

@@ -1,5 +1,9 @@
 """Voice through the server: clips/s and p50 at concurrency 1 and 8, batched vs serial; and
-server memory with text, voice and image models loaded. One run, so the ratios are fair.
+server memory with text, voice and image models loaded.
+
+A batched and a serial server run side by side and are measured in turn, ``--repeats``
+times, so drift on this shared machine falls on both alike; the table gives medians and the
+ratio's median and range over the repeats.
 
 Usage: python benchmarks/bench_server_voice.py [--out docs/bench_server_voice.md]
 """
@@ -10,6 +14,7 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +50,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_server_voice.md"))
     ap.add_argument("--port", type=int, default=50392)
-    ap.add_argument("--rounds", type=int, default=3, help="requests per caller per point")
+    ap.add_argument("--rounds", type=int, default=6, help="requests per caller per point")
+    ap.add_argument("--repeats", type=int, default=5, help="turns of every point")
     args = ap.parse_args()
     from supportqa.client import SupportClient
     from supportqa.knowledge_file import read_entries
@@ -60,48 +66,71 @@ def main() -> int:
         f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}. Clips: {len(clips)} "
         "espeak-ng questions (2-4 s each), Whisper tiny.en with the server's default decoding "
         "(5 beams, the KB's language model at 0.3), WAV over gRPC; load generator in a separate "
-        "process.",
+        f"process. A batched and a serial server run side by side; each point is measured "
+        f"{args.repeats} times in turn ({args.rounds} requests per caller each time), medians "
+        "shown.",
         "",
         "| speech_max_batch | concurrency | clips/s | p50 (ms) | p99 (ms) | errors |",
         "|---|---|---|---|---|---|",
     ]
-    res: dict[tuple[int, int], dict] = {}
+    runs: dict[tuple[int, int], list[dict]] = {}
     memory: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        srv = Server(data, args.port, SUPPORTQA_SPEECH_MODEL="")
-        memory.append(("text encoder + store (empty KB)", rss_mb(srv.proc.pid)))
-        with SupportClient(srv.target, timeout=300) as c:
-            c.upsert(read_entries(ROOT / "knowledge" / "sample.jsonl"))
-        srv.stop()
-        for batch in (8, 1):
-            srv = Server(data, args.port, SUPPORTQA_SPEECH_MODEL="tiny.en",
-                         SUPPORTQA_SPEECH_MAX_BATCH=str(batch))
+        servers: dict[int, Server] = {}
+        for i, batch in enumerate((8, 1)):
+            data = Path(tmp) / str(batch)  # one Milvus Lite directory per server
+            if not servers:
+                srv = Server(data, args.port, SUPPORTQA_SPEECH_MODEL="")
+                memory.append(("text encoder + store (empty KB)", rss_mb(srv.proc.pid)))
+                srv.stop()
+            servers[batch] = Server(data, args.port + i, SUPPORTQA_SPEECH_MODEL="tiny.en",
+                                    SUPPORTQA_SPEECH_MAX_BATCH=str(batch))
+            with SupportClient(servers[batch].target, timeout=300) as c:
+                c.upsert(read_entries(ROOT / "knowledge" / "sample.jsonl"))
+        for _ in range(args.repeats):
             for conc in (1, 8):
-                r = asyncio.run(load(srv.target, clips, conc, conc * args.rounds))
-                res[(batch, conc)] = r
-                print(batch, conc, r["rps"], r["latency_ms"], r["errors"], flush=True)
-                lines.append(
-                    f"| {batch} | {conc} | {r['rps']:.2f} | {r['latency_ms']['p50']:.0f} | "
-                    f"{r['latency_ms']['p99']:.0f} | {r['errors'] or '-'} |"
-                )
-            if batch == 8:
-                memory.append(("+ Whisper tiny.en, after the voice runs", rss_mb(srv.proc.pid)))
+                for batch, srv in servers.items():
+                    r = asyncio.run(load(srv.target, clips, conc, conc * args.rounds))
+                    runs.setdefault((batch, conc), []).append(r)
+                    print(batch, conc, r["rps"], r["latency_ms"], r["errors"], flush=True)
+        memory.append(("+ Whisper tiny.en, after the voice runs", rss_mb(servers[8].proc.pid)))
+        for srv in servers.values():
             srv.stop()
+        data = Path(tmp) / "8"
         srv = Server(data, args.port, SUPPORTQA_SPEECH_MODEL="tiny.en", SUPPORTQA_OCR="true")
         memory.append(("text + Whisper tiny.en + OCR (rapidocr) loaded", rss_mb(srv.proc.pid)))
         srv.stop()
         srv = Server(data, args.port, SUPPORTQA_SPEECH_MODEL="base", SUPPORTQA_OCR="true")
         memory.append(("text + Whisper base + OCR loaded", rss_mb(srv.proc.pid)))
         srv.stop()
-    ratio = res[(8, 8)]["rps"] / res[(1, 8)]["rps"]
-    serial = res[(1, 1)]["rps"]
+
+    def med(batch: int, conc: int, *keys: str) -> float:
+        vals = []
+        for r in runs[(batch, conc)]:
+            for k in keys:
+                r = r[k]
+            vals.append(r)
+        return statistics.median(vals)
+
+    for batch in (8, 1):
+        for conc in (1, 8):
+            errors: dict[str, int] = {}
+            for r in runs[(batch, conc)]:
+                for k, n in r["errors"].items():
+                    errors[k] = errors.get(k, 0) + n
+            lines.append(
+                f"| {batch} | {conc} | {med(batch, conc, 'rps'):.2f} | "
+                f"{med(batch, conc, 'latency_ms', 'p50'):.0f} | "
+                f"{med(batch, conc, 'latency_ms', 'p99'):.0f} | {errors or '-'} |"
+            )
+    ratios = sorted(b["rps"] / s["rps"] for b, s in zip(runs[(8, 8)], runs[(1, 8)], strict=True))
     lines += [
         "",
         f"Concurrency 8, batched (max 8 clips per Whisper call) vs serial (max 1): "
-        f"{res[(8, 8)]['rps']:.2f} vs {res[(1, 8)]['rps']:.2f} clips/s = **{ratio:.2f}x**; "
-        f"against one caller at a time ({serial:.2f} clips/s): "
-        f"**{res[(8, 8)]['rps'] / serial:.2f}x**.",
+        f"{med(8, 8, 'rps'):.2f} vs {med(1, 8, 'rps'):.2f} clips/s; per turn the ratio's median "
+        f"is **{statistics.median(ratios):.2f}x** (range {ratios[0]:.2f}-{ratios[-1]:.2f}). "
+        f"Against one caller at a time on the serial server ({med(1, 1, 'rps'):.2f} clips/s): "
+        f"**{med(8, 8, 'rps') / med(1, 1, 'rps'):.2f}x**.",
         "",
         "## Server memory (RSS)",
         "",

@@ -134,6 +134,28 @@ async def test_max_wait_gathers_concurrent_arrivals(executor):
     await b.close()
 
 
+async def test_max_wait_is_spent_only_once_callers_are_concurrent(executor):
+    """A lone item goes at once (the hour-long wait would otherwise time the test out);
+    after a batch of two, a lone item waits for company, and the batch closes when full."""
+    seen: list[list[int]] = []
+
+    def record(items):
+        seen.append(list(items))
+        return items
+
+    b = MicroBatcher(record, executor=executor, max_batch=2, max_wait_ms=3_600_000,
+                     max_queue=100)
+    assert await asyncio.wait_for(b.submit(1), 10) == 1  # nothing before it: no wait
+    assert await asyncio.gather(b.submit(2), b.submit(3)) == [2, 3]  # one turn: one batch
+    waiting = asyncio.ensure_future(b.submit(4))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # after a batch of two it waits for a second item
+    assert await asyncio.wait_for(b.submit(5), 10) == 5
+    assert await waiting == 4
+    assert seen == [[1], [2, 3], [4, 5]]
+    await b.close()
+
+
 def test_rejects_bad_bounds(executor):
     with pytest.raises(ValueError):
         MicroBatcher(lambda x: x, executor=executor, max_batch=0)

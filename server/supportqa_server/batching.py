@@ -39,9 +39,12 @@ class MicroBatcher(Generic[T, R]):
 
     A batch closes when it holds `max_batch` items or `max_wait_ms` after its first item
     arrived, whichever comes first; items that arrive while the model runs wait for the next
-    batch, so under load batches fill without waiting. At most `max_queue` items wait; more
-    are refused at once with Overloaded (back-pressure, never an unbounded wait). Items whose
-    caller went away or whose deadline passed are dropped before they cost model time.
+    batch, so under load batches fill without waiting. The wait is only spent while callers
+    are concurrent, that is after a batch of more than one item: a lone caller's item goes
+    at once (a voice clip alone was held 20 ms for company that never came). At most
+    `max_queue` items wait; more are refused at once with Overloaded (back-pressure, never an
+    unbounded wait). Items whose caller went away or whose deadline passed are dropped before
+    they cost model time.
 
     `fn` takes a list of items and returns one result per item, in order. It runs on
     `executor`, one batch at a time, so a model needs no lock.
@@ -66,6 +69,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue = max_queue
         self.name = name
         self.stats = BatchStats()
+        self._last_size = 0  # items in the batch before: > 1 means callers are concurrent
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -138,7 +142,7 @@ class MicroBatcher(Generic[T, R]):
                 await self._arrived.wait()
             batch: list[_Pending[T, R]] = []
             self._take_live(batch)
-            if batch and self.max_wait > 0:
+            if batch and self.max_wait > 0 and self._last_size > 1:
                 close_at = loop.time() + self.max_wait
                 while len(batch) < self.max_batch:
                     remaining = close_at - loop.time()
@@ -153,6 +157,7 @@ class MicroBatcher(Generic[T, R]):
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 continue
+            self._last_size = len(batch)
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.sizes[len(batch)] += 1

@@ -143,11 +143,17 @@ class KnowledgeBias(LogitFilter):
     """
 
     def __init__(self, models: Sequence[KnowledgeLM | None], weight: float, sample_begin: int,
-                 beams: int = 1) -> None:
+                 beams: int = 1, top_k: int | None = None) -> None:
+        """``top_k``: fuse only each row's top_k text tokens by Whisper's logit, renormalised
+        among themselves (the rest keep Whisper's logits); None fuses every text token. The
+        vocabulary-wide gather and two log-sum-exps are a batched beam step's largest per-row
+        cost; top_k skips them, at the price of tokens past Whisper's top_k the KB would have
+        lifted."""
         self.models = list(models)
         self.weight = weight
         self.sample_begin = sample_begin
         self.beams = beams
+        self.top_k = top_k
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         models = [self.models[row // self.beams] for row in range(logits.shape[0])]
@@ -160,11 +166,22 @@ class KnowledgeBias(LogitFilter):
                 [int(cls.of_token[t]) for t in made[-(lm.order - 1) :] if t < cls.eot])
             for lm, made in zip(models, made_all, strict=True)
         ]
-        lp = torch.stack(dists)[:, cls._of_token_t[: cls.eot]].to(logits.device)  # (R, eot)
-        lp.mul_(self.weight)
-        # In place on whisper's float32 logits. A row without a model adds zeros, and its
-        # two log-sum-exps are equal, so it comes out bit for bit as it went in.
         text = logits[:, : cls.eot]  # text tokens, eot excluded (a view)
-        before = torch.logsumexp(text, 1, keepdim=True)
-        text.add_(lp)
-        text.add_(before - torch.logsumexp(text, 1, keepdim=True))
+        if self.top_k is None or self.top_k >= cls.eot:
+            picked, idx = text, None
+        else:
+            picked, idx = text.topk(self.top_k, dim=1, sorted=False)  # (R, K)
+        if idx is None:  # (R, eot): one column gather over the stacked distributions
+            lp = torch.stack(dists).index_select(1, cls._of_token_t[: cls.eot])
+        else:  # (R, K): each row's K from its own distribution
+            lp = torch.stack([d[c] for d, c in zip(dists, cls._of_token_t[idx.cpu()],
+                                                   strict=True)])
+        lp = lp.to(logits.device)
+        lp.mul_(self.weight)
+        # The picked tokens keep their total mass. A row without a model adds zeros, and its
+        # two log-sum-exps are equal, so it comes out bit for bit as it went in.
+        before = torch.logsumexp(picked, 1, keepdim=True)
+        fused = picked.add_(lp) if idx is None else picked + lp  # in place on the full view
+        fused.add_(before - torch.logsumexp(fused, 1, keepdim=True))
+        if idx is not None:
+            text.scatter_(1, idx, fused)

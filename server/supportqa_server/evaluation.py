@@ -807,7 +807,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--adapt",
         metavar="DIR",
-        help="fine-tune the text encoder on the knowledge-base side first (as supportqa-server "
+        help="fine-tune the text encoder (SUPPORTQA_TEXT_MODEL, default the bundled MiniLM) on the "
+        "knowledge-base side first (as supportqa-server "
         "adapt; reused when DIR already holds the same adaptation) and serve with it",
     )
     server.add_argument("--adapt-epochs", type=int, default=1, help="epochs of --adapt")
@@ -916,7 +917,11 @@ def eval_main(args: argparse.Namespace, *, client_factory: ClientFactory | None 
             print("supportqa-server eval: error: --adapt needs the in-process server; the "
                   "--target server keeps its own model", file=sys.stderr)
             return EXIT_BAD_INPUT
+        from supportqa_server.settings import Settings
+
+        # from the configured text model (SUPPORTQA_TEXT_MODEL), the one served without --adapt
         adapted = adapt([[e.title, *e.questions] for e in entries], args.adapt,
+                        base_model=Settings().text_model,
                         options=AdaptOptions(epochs=args.adapt_epochs))
     from supportqa_server.synth import SynthesisError
 

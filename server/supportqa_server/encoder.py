@@ -32,18 +32,23 @@ class TextEncoder:
     """A sentence encoder: mean pooling over the last hidden state, L2-normalised.
 
     Args:
-        model: Local path or hub id of a BERT-like model; empty means the bundled MiniLM.
+        model: Local path or hub id of a BERT-like model; empty means the bundled MiniLM,
+            "all-mpnet-base-v2" the packaged mpnet (text_models.py).
         device: torch device string ("cpu", "cuda:0", "mps").
         precision: auto | float32 | bfloat16 | float16 (devices.resolve_precision).
+        cache_dir: where a packaged model is extracted; default the server's.
     """
 
-    def __init__(self, model: str = "", device: str = "cpu", precision: str = "auto") -> None:
+    def __init__(self, model: str = "", device: str = "cpu", precision: str = "auto",
+                 cache_dir: Path | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         from .devices import resolve_precision
+        from .settings import DEFAULT_CACHE_DIR
+        from .text_models import resolve_text_model
 
-        self.model_name = model or bundled_text_model()
+        self.model_name = resolve_text_model(model, cache_dir or DEFAULT_CACHE_DIR)
         self.device = device
         local = Path(self.model_name).exists()
         try:

@@ -242,7 +242,7 @@ class Pipeline:
         configure_threads(s.torch_threads)
         self.device = resolve_device(s.device)
         t0 = time.perf_counter()
-        self.encoder = TextEncoder(s.text_model, self.device, s.precision)
+        self.encoder = TextEncoder(s.text_model, self.device, s.precision, s.cache_dir)
         log.info("text encoder %s on %s in %.1f s", self.encoder.model_name, self.device,
                  time.perf_counter() - t0)
         self.components.append(Component(

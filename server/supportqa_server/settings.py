@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KB_NAME_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
 DEFAULT_KB = "default"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportqa"
 
 
 class Settings(BaseSettings):
@@ -30,8 +31,8 @@ class Settings(BaseSettings):
 
     # Store
     data_dir: Path = Path("data")  # the Milvus Lite file lives here
-    cache_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportqa"
-    # ^ converted Whisper checkpoints, shared by every data dir
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    # ^ converted Whisper checkpoints and extracted text models, shared by every data dir
     milvus_uri: str = ""  # empty: Milvus Lite at data_dir/milvus.db; else http://host:19530
     milvus_token: str = ""  # "user:password" or an API key for standalone/cluster/Zilliz
     milvus_db: str = ""  # database name on a standalone/cluster server; empty: default
@@ -42,7 +43,10 @@ class Settings(BaseSettings):
     # CUDA, bfloat16 on CPUs with AMX/AVX512-BF16 (same answers, 2.3x the encoder's batch
     # throughput here: docs/bench_text.md), else float32.
     precision: str = "auto"
-    text_model: str = ""  # HF path or id; empty: bundled all-MiniLM-L6-v2
+    # Local path or HF id; "" the bundled all-MiniLM-L6-v2; "all-mpnet-base-v2" the larger
+    # model of the `mpnet` extra (text_models.py; +0.009 BANKING77 dev accuracy@1, docs/
+    # evaluation.md)
+    text_model: str = ""
     speech_model: str = "tiny.en"  # tiny.en | base | any openai-whisper name or .pt path; "" off
     speech_trim: bool = True  # encode only the speech sent, not 30 s of padding
     # Beams for Whisper's beam search; 0: greedy. With the KB language model, 5 beams put
@@ -53,7 +57,7 @@ class Settings(BaseSettings):
     # fusion, biasing.py): domain words win close calls. 0.3 was best on BANKING77 dev; 0 off.
     speech_lm_weight: float = Field(0.3, ge=0.0, le=2.0)
     # Fuse the KB model into each beam's top-k text tokens by Whisper's logit only; 0 fuses
-    # all 50k. 64: a batch of 8 clips decodes ~4 ms a step faster, at -0.006 voice
+    # all 50k. 64: a batch of 8 clips decodes in 65 against 74 ms a clip, at -0.006 voice
     # accuracy@1 on BANKING77 dev (docs/evaluation.md), so exact fusion stays the default.
     speech_lm_top_k: int = Field(0, ge=0, le=50000)
     clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off

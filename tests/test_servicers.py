@@ -9,7 +9,7 @@ from supportqa.client import AsyncSupportClient, SupportQAError
 from supportqa.v1 import supportqa_pb2 as pb
 from supportqa_server import pipeline as p
 from supportqa_server.app import create_server
-from supportqa_server.errors import Cancelled, NotFound, Overloaded, TooLarge
+from supportqa_server.errors import Cancelled, NotFound, Overloaded, TooLarge, WrongModel
 from supportqa_server.settings import Settings
 from supportqa_server.store import EntryData
 
@@ -34,6 +34,7 @@ class FakePipeline:
             "big": TooLarge("too big"),
             "missing": NotFound("knowledge base 'x' does not exist"),
             "bug": KeyError("secret internal detail"),
+            "model": WrongModel("knowledge base 'x' was written with 384-d text vectors"),
         }
         yield p.Accepted("rid")
         if req.text in failures:
@@ -87,6 +88,7 @@ async def test_missing_or_wrong_api_key_is_unauthenticated(fake_server):
         ("big", grpc.StatusCode.INVALID_ARGUMENT),
         ("missing", grpc.StatusCode.NOT_FOUND),
         ("bug", grpc.StatusCode.INTERNAL),
+        ("model", grpc.StatusCode.FAILED_PRECONDITION),
     ],
 )
 async def test_error_table(fake_server, text, code):

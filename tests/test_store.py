@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from supportqa_server.errors import NotFound
+from supportqa_server.errors import NotFound, WrongModel
 from supportqa_server.store import EntryData, KnowledgeStore
 
 DIM = 8
@@ -158,3 +158,29 @@ def test_raw_replies_read_as_pymilvus_reads_them(store):
     assert len(mine[0]) > 0 and mine[2] == []  # BM25: no shared word, no row
     with pytest.raises(MilvusException):
         _read_hits(store._send_search("sqa_nope_rows", [[0.0] * DIM], "vector", 3, "", "IP"), 1)
+
+
+def test_a_knowledge_base_written_by_another_text_model_says_so(tmp_path):
+    """Reopened by a server whose text model is wider: searches and writes of text vectors
+    fail with what to do, while BM25, reads and deletes still work."""
+    path = str(tmp_path / "milvus.db")
+    s = KnowledgeStore(path, DIM)
+    s.open()
+    a = EntryData(id="a", title="alpha", answer="kept")
+    s.upsert("kb", [a], [vectors(a, 0)])
+    s.close()
+    wide = KnowledgeStore(path, DIM * 2)
+    wide.open()
+    try:
+        with pytest.raises(WrongModel, match=r"written with 8-d text vectors.*gives 16-d"):
+            wide.search_dense("kb", np.zeros((1, DIM * 2), dtype=np.float32), limit=5)
+        b = EntryData(id="b", title="beta", answer="new")
+        with pytest.raises(WrongModel, match="fresh SUPPORTQA_DATA_DIR"):
+            wide.upsert("kb", [b], [np.zeros((len(b.texts()), DIM * 2), dtype=np.float32)])
+        assert ids(wide.search_lexical("kb", ["alpha"], limit=5)[0]) == ["a"]
+        assert wide.get("kb", "a").answer == "kept"
+        assert wide.counts("kb") == (1, 2, 0)
+        # a knowledge base it creates itself is as wide as its model
+        wide.upsert("new", [b], [np.zeros((len(b.texts()), DIM * 2), dtype=np.float32)])
+    finally:
+        wide.close()

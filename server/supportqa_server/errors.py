@@ -35,5 +35,9 @@ class Cancelled(SupportQAError):
     """The caller went away or its deadline passed before the work ran."""
 
 
+class WrongModel(SupportQAError):
+    """A knowledge base written with another text model: its vectors have another width."""
+
+
 class NotReady(SupportQAError):
     """The server is still loading models or opening the store."""

@@ -21,6 +21,7 @@ from .errors import (
     SupportQAError,
     TooLarge,
     Unauthenticated,
+    WrongModel,
 )
 from .pipeline import ImageInput, Pipeline
 from .store import EntryData
@@ -37,6 +38,7 @@ STATUS_OF: dict[type[SupportQAError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotAvailable: grpc.StatusCode.UNIMPLEMENTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Cancelled: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, WrongModel
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class _KB:
     committed: dict[str, tuple[int, EntryData]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     revision: int = 0  # bumped by every write, so derived views know when to rebuild
+    dim: int = 0  # width of its text vectors as created (0: this process's)
 
     @property
     def rows(self) -> int:
@@ -225,6 +226,9 @@ class KnowledgeStore:
     def _load(self, kb: str) -> None:
         state = _KB(kb)
         c = self.client
+        fields = c.describe_collection(_rows_name(kb)).get("fields", [])
+        state.dim = next((int(f.get("params", {}).get("dim", 0)) for f in fields
+                          if f.get("name") == "vector"), 0)
         c.load_collection(_entries_name(kb))
         c.load_collection(_rows_name(kb))
         if self.image_dim:
@@ -321,9 +325,18 @@ class KnowledgeStore:
         self._kbs[kb] = state
         return state
 
-    def _kb(self, kb: str, *, create: bool = False) -> _KB:
+    def _kb(self, kb: str, *, create: bool = False, vectors: bool = False) -> _KB:
+        """A knowledge base's state; ``vectors``: the caller writes or searches its text
+        vectors, so they must be as wide as this process's text model's."""
         state = self._kbs.get(kb)
         if state is not None:
+            if vectors and state.dim and state.dim != self.dim:
+                raise WrongModel(
+                    f"knowledge base {kb!r} was written with {state.dim}-d text vectors, but "
+                    f"this server's text model gives {self.dim}-d: serve it with the model it "
+                    "was written with (SUPPORTQA_TEXT_MODEL), or ingest it again under a new "
+                    "name or into a fresh SUPPORTQA_DATA_DIR"
+                )
             return state
         if not create:
             raise NotFound(
@@ -372,7 +385,7 @@ class KnowledgeStore:
                         f"entry {e.id!r} has a text of {len(t.encode())} bytes; each title, "
                         f"paraphrase and answer may have at most {MAX_TEXT_BYTES}"
                     )
-        state = self._kb(kb, create=True)
+        state = self._kb(kb, create=True, vectors=True)
         c = self.client
         with state.lock:
             version = self._next_version()
@@ -548,7 +561,7 @@ class KnowledgeStore:
     def _start(self, kb: str, field: str, data: list, limit: int, locale: str,
                tags: Sequence[str]):
         """Sends one route's search; returns the function that waits for its live rows."""
-        state = self._kb(kb)
+        state = self._kb(kb, vectors=field == "vector")
         if not data:
             return list
         filters = []

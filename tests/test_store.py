@@ -184,3 +184,23 @@ def test_a_knowledge_base_written_by_another_text_model_says_so(tmp_path):
         wide.upsert("new", [b], [np.zeros((len(b.texts()), DIM * 2), dtype=np.float32)])
     finally:
         wide.close()
+
+
+def test_a_knowledge_base_written_by_another_clip_model_says_so(tmp_path):
+    path = str(tmp_path / "milvus.db")
+    s = KnowledgeStore(path, DIM, image_dim=4)
+    s.open()
+    e = EntryData(id="a", title="dialog", answer="x", image_count=1, see_rows=3)
+    s.upsert("kb", [e], [vectors(e, 0)], [np.eye(4, dtype=np.float32)[:3]])
+    s.close()
+    other = KnowledgeStore(path, DIM, image_dim=6)
+    other.open()
+    try:
+        with pytest.raises(WrongModel, match=r"4-d image vectors.*6-d.*SUPPORTQA_CLIP_MODEL"):
+            other.search_images("kb", np.eye(6, dtype=np.float32)[:1], limit=5)
+        with pytest.raises(WrongModel, match="image vectors"):
+            other.upsert("kb", [e], [vectors(e, 0)], [np.eye(6, dtype=np.float32)[:3]])
+        (dense, _), = other.search("kb", np.stack([vec(0)]), ["dialog"], limit=5)
+        assert set(ids(dense)) == {"a"}  # the text route is unaffected
+    finally:
+        other.close()

@@ -97,6 +97,7 @@ class _KB:
     lock: threading.Lock = field(default_factory=threading.Lock)
     revision: int = 0  # bumped by every write, so derived views know when to rebuild
     dim: int = 0  # width of its text vectors as created (0: this process's)
+    image_dim: int = 0  # the same for its CLIP vectors
 
     @property
     def rows(self) -> int:
@@ -226,15 +227,14 @@ class KnowledgeStore:
     def _load(self, kb: str) -> None:
         state = _KB(kb)
         c = self.client
-        fields = c.describe_collection(_rows_name(kb)).get("fields", [])
-        state.dim = next((int(f.get("params", {}).get("dim", 0)) for f in fields
-                          if f.get("name") == "vector"), 0)
+        state.dim = self._vector_width(_rows_name(kb))
         c.load_collection(_entries_name(kb))
         c.load_collection(_rows_name(kb))
         if self.image_dim:
             if not c.has_collection(_images_name(kb)):
                 self._create_images(kb)
             c.load_collection(_images_name(kb))
+            state.image_dim = self._vector_width(_images_name(kb))
         it = c.query_iterator(
             _entries_name(kb), batch_size=1000, filter="version >= 0",
             output_fields=["entry_id", "version", "doc"],
@@ -325,17 +325,26 @@ class KnowledgeStore:
         self._kbs[kb] = state
         return state
 
-    def _kb(self, kb: str, *, create: bool = False, vectors: bool = False) -> _KB:
-        """A knowledge base's state; ``vectors``: the caller writes or searches its text
-        vectors, so they must be as wide as this process's text model's."""
+    def _vector_width(self, collection: str) -> int:
+        fields = self.client.describe_collection(collection).get("fields", [])
+        return next((int(f.get("params", {}).get("dim", 0)) for f in fields
+                     if f.get("name") == "vector"), 0)
+
+    def _kb(self, kb: str, *, create: bool = False, vectors: str = "") -> _KB:
+        """A knowledge base's state. ``vectors`` ("text" or "image"): the caller writes or
+        searches those vectors, so they must be as wide as this process's model's."""
         state = self._kbs.get(kb)
         if state is not None:
-            if vectors and state.dim and state.dim != self.dim:
+            have, want, setting = {
+                "text": (state.dim, self.dim, "SUPPORTQA_TEXT_MODEL"),
+                "image": (state.image_dim, self.image_dim, "SUPPORTQA_CLIP_MODEL"),
+            }.get(vectors, (0, 0, ""))
+            if have and want and have != want:
                 raise WrongModel(
-                    f"knowledge base {kb!r} was written with {state.dim}-d text vectors, but "
-                    f"this server's text model gives {self.dim}-d: serve it with the model it "
-                    "was written with (SUPPORTQA_TEXT_MODEL), or ingest it again under a new "
-                    "name or into a fresh SUPPORTQA_DATA_DIR"
+                    f"knowledge base {kb!r} was written with {have}-d {vectors} vectors, but "
+                    f"this server's {vectors} model gives {want}-d: serve it with the model it "
+                    f"was written with ({setting}), or ingest it again under a new name or "
+                    "into a fresh SUPPORTQA_DATA_DIR"
                 )
             return state
         if not create:
@@ -385,7 +394,9 @@ class KnowledgeStore:
                         f"entry {e.id!r} has a text of {len(t.encode())} bytes; each title, "
                         f"paraphrase and answer may have at most {MAX_TEXT_BYTES}"
                     )
-        state = self._kb(kb, create=True, vectors=True)
+        state = self._kb(kb, create=True, vectors="text")
+        if self.image_dim and see_vectors is not None:
+            self._kb(kb, vectors="image")
         c = self.client
         with state.lock:
             version = self._next_version()
@@ -478,7 +489,7 @@ class KnowledgeStore:
 
     def search_images(self, kb: str, vectors: np.ndarray, *, limit: int) -> list[list[RowHit]]:
         """Searches the CLIP space (entry images and texts) with question image vectors."""
-        state = self._kb(kb)
+        state = self._kb(kb, vectors="image")
         if not self.image_dim:
             return [[] for _ in vectors]
         found = _read_hits(self._send_search(
@@ -561,7 +572,7 @@ class KnowledgeStore:
     def _start(self, kb: str, field: str, data: list, limit: int, locale: str,
                tags: Sequence[str]):
         """Sends one route's search; returns the function that waits for its live rows."""
-        state = self._kb(kb, vectors=field == "vector")
+        state = self._kb(kb, vectors="text" if field == "vector" else "")
         if not data:
             return list
         filters = []

@@ -335,8 +335,9 @@ def test_batched_beam_step_keeps_whispers_beams():
     assert any(len(f) >= beams for f in new.finished_sequences)
 
 
+@pytest.mark.parametrize("per_clip", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_shared_prior_attention_is_attention_over_all_positions(shared):
+def test_shared_prior_attention_is_attention_over_all_positions(shared, per_clip):
     """Per clip (or one for all clips), the prior's positions joined to the clip's: the
     output equals plain attention over the concatenated keys and values, row by row, with
     each clip's beams in consecutive rows."""
@@ -348,15 +349,19 @@ def test_shared_prior_attention_is_attention_over_all_positions(shared):
     width = heads * d
     priors = [(torch.randn(length, width, generator=gen), torch.randn(length, width, generator=gen))
               for _ in range(1 if shared else clips)]
-    per_clip = [priors[0]] * clips if shared else priors
+    prior_of = [priors[0]] * clips if shared else priors
     q = torch.randn(clips * beams, t, width, generator=gen)
-    # a clip's beams share its audio: equal keys and values in its rows
-    k = torch.randn(clips, c, width, generator=gen).repeat_interleave(beams, dim=0)
-    v = torch.randn(clips, c, width, generator=gen).repeat_interleave(beams, dim=0)
-    out, _ = _SharedPriorCrossAttention(heads, per_clip, beams)(q, k, v)
+    # a clip's beams share its audio: equal keys and values in its rows, or (per_clip, as
+    # _cross_kv_per_clip leaves them) one row per clip
+    k_clip = torch.randn(clips, c, width, generator=gen)
+    v_clip = torch.randn(clips, c, width, generator=gen)
+    k, v = ((k_clip, v_clip) if per_clip
+            else (k_clip.repeat_interleave(beams, dim=0), v_clip.repeat_interleave(beams, dim=0)))
+    out, _ = _SharedPriorCrossAttention(heads, prior_of, beams)(q, k, v)
     for row in range(clips * beams):
-        kp, vp = per_clip[row // beams]
-        keys, values = torch.cat([k[row], kp]), torch.cat([v[row], vp])
+        kp, vp = prior_of[row // beams]
+        keys = torch.cat([k_clip[row // beams], kp])
+        values = torch.cat([v_clip[row // beams], vp])
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             w = (q[row, :, cols] @ keys[:, cols].T * d**-0.5).softmax(-1)

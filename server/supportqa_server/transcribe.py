@@ -249,9 +249,11 @@ class _SharedPriorCrossAttention:
         # their head-major copies, one row per clip, are made once: (k, keys, values).
         self._heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _head_major(self, k: torch.Tensor, v: torch.Tensor, h: int, d: int):
+    def _head_major(self, k: torch.Tensor, v: torch.Tensor, n_batch: int, h: int, d: int):
         if self._heads is None or self._heads[0] is not k:
-            k1, v1 = k[:: self.beams], v[:: self.beams]  # (clips, C, D)
+            # one row per beam, or already one per clip (_cross_kv_per_clip)
+            step = 1 if k.shape[0] * self.beams == n_batch else self.beams
+            k1, v1 = k[::step], v[::step]  # (clips, C, D)
             n = k1.shape[0]
             self._heads = (k, k1.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous(),
                            v1.view(n, -1, h, d).permute(0, 2, 1, 3).contiguous())
@@ -262,7 +264,7 @@ class _SharedPriorCrossAttention:
         h, d = self.n_head, n_state // self.n_head
         scale = d**-0.5
         qh = q.view(n_batch, n_tok, h, d).permute(0, 2, 1, 3)  # (B, H, T, d)
-        kh, vh = self._head_major(k, v, h, d)  # (clips, H, C, d)
+        kh, vh = self._head_major(k, v, n_batch, h, d)  # (clips, H, C, d)
         n_clips, n_priors = kh.shape[0], self.kp.shape[0]
         # (groups, H, rows * T, d) @ (groups, H, d, positions), back to (B, H, T, positions)
         s_clip = _ungrouped(_grouped(qh, n_clips) @ kh.transpose(-1, -2), n_batch, n_tok)
@@ -273,6 +275,27 @@ class _SharedPriorCrossAttention:
         out = (_ungrouped(_grouped(w[..., :c], n_clips) @ vh, n_batch, n_tok)
                + _ungrouped(_grouped(w[..., c:], n_priors) @ self.vp, n_batch, n_tok))
         return out.permute(0, 2, 1, 3).flatten(start_dim=2), None
+
+
+def _cross_kv_per_clip(task: DecodingTask, model: Whisper, features: torch.Tensor) -> None:
+    """Beam search over (clips, C, D) features: cross-attention keys and values once per
+    clip, put in the decoding's kv cache before its first step.
+
+    Whisper computes them from the features repeated per beam, so a clip's 5 beam rows would
+    project the same audio 5 times (8 layers of C x D x D each). Only _SharedPriorCrossAttention,
+    which reads them per clip, may see this cache.
+
+    whisper's TextDecoder takes its position offset from the cache's first entry, which is
+    otherwise the first self-attention key (rows, tokens so far, D); it goes first here, empty,
+    and the kv hook appends each step's keys to it as usual.
+    """
+    rows = features.shape[0] * task.n_group
+    first = model.decoder.blocks[0].attn.key
+    cache = {first: features.new_empty(rows, 0, first.out_features)}
+    for block in model.decoder.blocks:
+        cache[block.cross_attn.key] = block.cross_attn.key(features)
+        cache[block.cross_attn.value] = block.cross_attn.value(features)
+    task.inference.kv_cache, task.inference.hooks = model.install_kv_cache_hooks(cache)
 
 
 def _repeats(tokens: list[int], times: int = LOOP_REPEATS) -> bool:
@@ -496,11 +519,17 @@ class SpeechRecognizer:
         """A knowledge-base language model for transcribe_batch's ``lms``, from its texts."""
         return KnowledgeLM(self.token_classes(), texts)
 
-    def _run(self, features, options, lms, beams: int = 1):
-        """One whisper decoding task on encoder outputs, fused with the clips' KB models."""
+    def _run(self, features, options, lms, beams: int = 1, per_clip_cross: bool = False):
+        """One whisper decoding task on encoder outputs, fused with the clips' KB models.
+
+        ``per_clip_cross``: the decoder's cross-attention is _SharedPriorCrossAttention, so its
+        keys and values are projected once per clip (_cross_kv_per_clip).
+        """
         task = _FeaturesTask(self.model, options)
         if beams > 1:
             _keep_cross_attention_in_place(task, self.model)
+            if per_clip_cross:
+                _cross_kv_per_clip(task, self.model, features)
         if self.lm_weight > 0 and lms is not None and any(lms):
             task.logit_filters.append(
                 KnowledgeBias(lms, self.lm_weight, task.sample_begin, beams, self.lm_top_k)
@@ -520,7 +549,8 @@ class SpeechRecognizer:
                 block.cross_attn.qkv_attention = _SharedPriorCrossAttention(
                     block.cross_attn.n_head, [parts[id(pr)] for pr in row_priors], beams
                 )
-            return self._run(features[:, :n_clip].contiguous(), options, lms, beams)
+            return self._run(features[:, :n_clip].contiguous(), options, lms, beams,
+                             per_clip_cross=True)
         finally:
             for block in blocks:
                 block.cross_attn.__dict__.pop("qkv_attention", None)

@@ -184,11 +184,10 @@ def adapt(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from .settings import DEFAULT_CACHE_DIR
     from .text_models import resolve_text_model
 
     options.check()
-    base = resolve_text_model(base_model, cache_dir or DEFAULT_CACHE_DIR)
+    base = resolve_text_model(base_model, cache_dir)
     out = Path(out_dir)
     fp = fingerprint(groups, options, base)
     report_path = out / REPORT_FILE

@@ -169,11 +169,11 @@ class KnowledgeBias(LogitFilter):
         text = logits[:, : cls.eot]  # text tokens, eot excluded (a view)
         if self.top_k is None or self.top_k >= cls.eot:
             picked, idx = text, None
+            # (R, eot): one column gather over the stacked distributions
+            lp = torch.stack(dists).index_select(1, cls._of_token_t[: cls.eot])
         else:
             picked, idx = text.topk(self.top_k, dim=1, sorted=False)  # (R, K)
-        if idx is None:  # (R, eot): one column gather over the stacked distributions
-            lp = torch.stack(dists).index_select(1, cls._of_token_t[: cls.eot])
-        else:  # (R, K): each row's K from its own distribution
+            # (R, K): each row's K from its own distribution
             lp = torch.stack([d[c] for d, c in zip(dists, cls._of_token_t[idx.cpu()],
                                                    strict=True)])
         lp = lp.to(logits.device)

@@ -45,10 +45,9 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         from .devices import resolve_precision
-        from .settings import DEFAULT_CACHE_DIR
         from .text_models import resolve_text_model
 
-        self.model_name = resolve_text_model(model, cache_dir or DEFAULT_CACHE_DIR)
+        self.model_name = resolve_text_model(model, cache_dir)
         self.device = device
         local = Path(self.model_name).exists()
         try:

@@ -36,7 +36,8 @@ class Cancelled(SupportQAError):
 
 
 class WrongModel(SupportQAError):
-    """A knowledge base written with another text model: its vectors have another width."""
+    """A knowledge base written with another text or CLIP model: its vectors have another
+    width."""
 
 
 class NotReady(SupportQAError):

@@ -330,22 +330,26 @@ class KnowledgeStore:
         return next((int(f.get("params", {}).get("dim", 0)) for f in fields
                      if f.get("name") == "vector"), 0)
 
+    def _check_width(self, state: _KB, vectors: str) -> None:
+        have, want, setting = (
+            (state.dim, self.dim, "SUPPORTQA_TEXT_MODEL") if vectors == "text"
+            else (state.image_dim, self.image_dim, "SUPPORTQA_CLIP_MODEL")
+        )
+        if have and want and have != want:
+            raise WrongModel(
+                f"knowledge base {state.name!r} was written with {have}-d {vectors} vectors, "
+                f"but this server's {vectors} model gives {want}-d: serve it with the model it "
+                f"was written with ({setting}), or ingest it again under a new name or into a "
+                "fresh SUPPORTQA_DATA_DIR"
+            )
+
     def _kb(self, kb: str, *, create: bool = False, vectors: str = "") -> _KB:
         """A knowledge base's state. ``vectors`` ("text" or "image"): the caller writes or
         searches those vectors, so they must be as wide as this process's model's."""
         state = self._kbs.get(kb)
         if state is not None:
-            have, want, setting = {
-                "text": (state.dim, self.dim, "SUPPORTQA_TEXT_MODEL"),
-                "image": (state.image_dim, self.image_dim, "SUPPORTQA_CLIP_MODEL"),
-            }.get(vectors, (0, 0, ""))
-            if have and want and have != want:
-                raise WrongModel(
-                    f"knowledge base {kb!r} was written with {have}-d {vectors} vectors, but "
-                    f"this server's {vectors} model gives {want}-d: serve it with the model it "
-                    f"was written with ({setting}), or ingest it again under a new name or "
-                    "into a fresh SUPPORTQA_DATA_DIR"
-                )
+            if vectors:
+                self._check_width(state, vectors)
             return state
         if not create:
             raise NotFound(
@@ -396,7 +400,7 @@ class KnowledgeStore:
                     )
         state = self._kb(kb, create=True, vectors="text")
         if self.image_dim and see_vectors is not None:
-            self._kb(kb, vectors="image")
+            self._check_width(state, "image")
         c = self.client
         with state.lock:
             version = self._next_version()

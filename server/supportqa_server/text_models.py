@@ -118,10 +118,9 @@ def assemble(archive: SplitArchive, parts: list[Path], cache_dir: Path) -> Path:
                     try:
                         with zf.open(f"{archive.root}/{rel}") as src, open(target, "wb") as dst:
                             shutil.copyfileobj(src, dst, 1 << 22)
-                    except KeyError:
+                    except KeyError:  # raised before the target is opened
                         if rel == archive.weights or rel == "config.json":
                             raise ValueError(f"{archive.name}: the archive has no {rel}") from None
-                        target.unlink(missing_ok=True)  # optional file absent
         except zipfile.BadZipFile as e:
             raise ValueError(f"{archive.name}: its {len(parts)} pieces are not a zip archive "
                              f"({e}); reinstall the {archive.extra!r} extra") from None
@@ -144,8 +143,9 @@ def assemble(archive: SplitArchive, parts: list[Path], cache_dir: Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def resolve_text_model(name: str, cache_dir: Path) -> str:
-    """A loadable path or hub id for SUPPORTQA_TEXT_MODEL's value (see the module doc)."""
+def resolve_text_model(name: str, cache_dir: Path | None = None) -> str:
+    """A loadable path or hub id for SUPPORTQA_TEXT_MODEL's value (see the module doc);
+    packaged models are extracted under ``cache_dir``, default the server's."""
     if not name:
         from .encoder import bundled_text_model
 
@@ -153,4 +153,8 @@ def resolve_text_model(name: str, cache_dir: Path) -> str:
     archive = ARCHIVES.get(name)
     if archive is None:
         return name
+    if cache_dir is None:
+        from .settings import DEFAULT_CACHE_DIR
+
+        cache_dir = DEFAULT_CACHE_DIR
     return str(assemble(archive, part_paths(archive), cache_dir))

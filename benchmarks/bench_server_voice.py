@@ -87,6 +87,7 @@ def main() -> int:
                                     SUPPORTQA_SPEECH_MAX_BATCH=str(batch))
             with SupportClient(servers[batch].target, timeout=300) as c:
                 c.upsert(read_entries(ROOT / "knowledge" / "sample.jsonl"))
+            servers[batch].settle()
         for _ in range(args.repeats):
             for conc in (1, 8):
                 for batch, srv in servers.items():

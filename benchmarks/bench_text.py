@@ -64,6 +64,19 @@ class Server:
 
         with SupportClient(self.target) as c:
             c.wait_ready(180)
+        self.settle()
+
+    def settle(self, timeout_s: float = 300.0) -> None:
+        """Waits while the server trains entry heads (after start-up or writes): that CPU
+        would land in the first load point, and its answers would rank without a head."""
+        from supportqa.client import SupportClient
+
+        deadline = time.monotonic() + timeout_s
+        with SupportClient(self.target) as c:
+            while any(kb.head == "training" for kb in c.stats().knowledge_bases):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("entry heads still training")
+                time.sleep(0.5)
 
     @property
     def target(self) -> str:

@@ -51,7 +51,7 @@ def main() -> int:
     opts = Settings().rank_options()
     for w in args.mix:
         hits = route_hits(rows, (1 - w) * sims[0] + w * sims[1], texts, bm, 200, 50)
-        prepared = [(q.label, d, lex) for q, (d, lex) in zip(queries, hits, strict=True)]
+        prepared = [(q.label, d, lex, None) for q, (d, lex) in zip(queries, hits, strict=True)]
         print(f"cosines mixed, second at {w}:", evaluate(prepared, na, opts, 200), flush=True)
     hits = route_hits(rows, 0.5 * sims[0] + 0.5 * sims[1], texts, bm, 200, 50)
     ranked = [rank(d, lex, opts)[:5] for d, lex in hits]

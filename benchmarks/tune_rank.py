@@ -8,6 +8,8 @@ analyzer. The numbers this prints steer the choice; the reported ones come from
 Usage:
     python benchmarks/tune_rank.py banking77 [--model DIR] [--rows 200,1000] [--configs NAME,...]
     python benchmarks/tune_rank.py clinc150 [--model DIR]
+    python benchmarks/tune_rank.py banking77 --lexical --head 10 --per-entry 4 \
+        --grid '{f"w{w}": replace(S, head_weight=w) for w in (0, 0.5)}'   # the entry head
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import math
+import random
 import re
 import sys
 import time
@@ -96,16 +99,39 @@ class BM25:
         return sorted(scores.items(), key=lambda kv: -kv[1])[:limit]
 
 
-def prepare(name: str, model: str, max_rows: int, lexical: bool):
-    """Per query: (label, dense RowHits best first, lexical RowHits best first)."""
+def prepare(name: str, model: str, max_rows: int, lexical: bool, head_c: float = 0.0,
+            per_entry: int = 0):
+    """Per query: (label, dense RowHits best first, lexical RowHits best first, entry head
+    probabilities or None); with head_c, the head (head.py) is trained on the rows' vectors.
+    per_entry > 0 keeps that many paraphrases of each entry (at random; its title and answer
+    stay), as a knowledge base with fewer paraphrases would be."""
     entries, queries, na = load(name)
     rows = [(e.id, kind, text) for e in entries for kind, text in e.texts()]
     tag = f"{name}-{Path(model).name or 'minilm'}"
     rv = embed([t for _, _, t in rows], model, tag + "-rows")
+    if per_entry:
+        rng = random.Random(per_entry)
+        questions: dict[str, list[int]] = defaultdict(list)
+        for i, (e, kind, _) in enumerate(rows):
+            if kind == "question":
+                questions[e].append(i)
+        drop = {i for idx in questions.values() if len(idx) > per_entry
+                for i in set(idx) - set(rng.sample(idx, per_entry))}
+        keep = [i for i in range(len(rows)) if i not in drop]
+        rows, rv = [rows[i] for i in keep], rv[keep]
     qv = embed([q.text for q in queries], model, tag + "-queries")
     bm = BM25([t for _, _, t in rows]) if lexical else None
     hits = route_hits(rows, qv @ rv.T, [q.text for q in queries], bm, max_rows)
-    return [(q.label, dense, lex) for q, (dense, lex) in zip(queries, hits, strict=True)], na
+    heads = [None] * len(queries)
+    if head_c:
+        from supportqa_server.head import train_head
+
+        t0 = time.perf_counter()
+        head = train_head(rv, [r[0] for r in rows], c=head_c)
+        print(f"head C={head_c} trained in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        heads = head.probabilities(qv)
+    return [(q.label, dense, lex, h)
+            for q, (dense, lex), h in zip(queries, hits, heads, strict=True)], na
 
 
 def route_hits(rows, sims: np.ndarray, texts: list[str], bm: BM25 | None, k: int,
@@ -143,8 +169,8 @@ def evaluate(prepared, na, opts, rows: int, threshold: float | None = None) -> d
 
     outcomes = []
     t0 = time.perf_counter()
-    for label, dense, lex in prepared:
-        ranked = rank(dense[:rows], lex[:rows], opts)[:5]
+    for label, dense, lex, head in prepared:
+        ranked = rank(dense[:rows], lex[:rows], opts, head=head)[:5]
         outcomes.append(Outcome(label, tuple(r.entry_id for r in ranked),
                                 tuple(r.score for r in ranked), latency_ms=0.0))
     ms = (time.perf_counter() - t0) * 1000 / len(prepared)
@@ -209,6 +235,7 @@ def cost(name: str, model: str, data_dir: str, n: int, grid: dict) -> None:
 
 def main() -> None:
     from supportqa_server.rank import RankOptions
+    from supportqa_server.settings import Settings
 
     p = argparse.ArgumentParser()
     p.add_argument("dataset", choices=["banking77", "clinc150"])
@@ -219,6 +246,10 @@ def main() -> None:
     p.add_argument("--threshold", type=float, help="also score with this NoAnswer threshold")
     p.add_argument("--cost", metavar="DATA_DIR", help="time search and rank() on an eval store")
     p.add_argument("--n", type=int, default=300, help="questions timed by --cost")
+    p.add_argument("--head", type=float, default=0.0, metavar="C",
+                   help="train the entry head with this C (grid options set head_weight)")
+    p.add_argument("--per-entry", type=int, default=0,
+                   help="keep this many paraphrases per entry in the knowledge base")
     args = p.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     grid: dict[str, RankOptions] = {}
@@ -245,11 +276,14 @@ def main() -> None:
                         grid[f"{agg.aggregation}/{conf}{top}/m{mw}"] = dataclasses.replace(
                             agg, confidence=conf, top_rows=top, margin_weight=mw)
     else:
-        grid = dict(eval(args.grid, {"R": R}))  # noqa: S307 - a developer's own expression
+        # R: RankOptions; S: the shipped options; replace: dataclasses.replace
+        env = {"R": R, "S": Settings().rank_options(), "replace": dataclasses.replace}
+        grid = dict(eval(args.grid, env))  # noqa: S307 - a developer's own expression
     if args.cost:
         cost(args.dataset, args.model, args.cost, args.n, grid)
         return
-    prepared, na = prepare(args.dataset, args.model, max(rows_list), args.lexical)
+    prepared, na = prepare(args.dataset, args.model, max(rows_list), args.lexical, args.head,
+                           args.per_entry)
     for rows in rows_list:
         for name, opts in grid.items():
             res = evaluate(prepared, na, opts, rows, args.threshold)

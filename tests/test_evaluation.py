@@ -314,6 +314,16 @@ class FakeClient:
     def __init__(self, target: str = "fake:1"):
         self.target = target
         self.entries: dict[str, supportqa_pb2.Entry] = {}
+        self.stats_calls = 0
+        self.asked_while_training = 0
+
+    async def stats(self, knowledge_base=""):
+        # The entry head is "training" on the first look after a write, as on a real server.
+        self.stats_calls += 1
+        head = "training" if self.stats_calls == 1 else "ready"
+        return supportqa_pb2.StatsReply(knowledge_bases=[
+            supportqa_pb2.KnowledgeBaseStats(name=knowledge_base, head=head)
+        ])
 
     async def __aenter__(self):
         return self
@@ -331,6 +341,7 @@ class FakeClient:
         return summary
 
     async def ask(self, text="", *, knowledge_base="default", top_k=5, min_score=None, **_):
+        self.asked_while_training += self.stats_calls < 2
         words = set(text.lower().split())
 
         def score(entry):
@@ -381,6 +392,8 @@ def test_eval_main_runs_on_dev_split(tmp_path, banking_csv, capsys):
     assert eval_main(args, client_factory=lambda target: client) == 0
     metrics = json.loads(out.read_text())
     assert set(client.entries) == {"card_arrival", "top_up_failed", "exchange_rate"}
+    # It waited for the entry head to leave "training" before the first question.
+    assert client.stats_calls == 2 and client.asked_while_training == 0
     # 20% of 10 per label: 2 each from 4 labels.
     assert metrics["n_queries"] == 8
     for key in (

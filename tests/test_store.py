@@ -204,3 +204,18 @@ def test_a_knowledge_base_written_by_another_clip_model_says_so(tmp_path):
         assert set(ids(dense)) == {"a"}  # the text route is unaffected
     finally:
         other.close()
+
+
+def test_text_vectors_are_the_committed_rows_and_their_entries(store):
+    a1 = EntryData(id="a", title="alpha", answer="first", questions=("q1",))
+    b = EntryData(id="b", title="beta", answer="other")
+    store.upsert("kb", [a1, b], [vectors(a1, 0), vectors(b, 1)])
+    a2 = EntryData(id="a", title="alpha two", answer="second")
+    store.upsert("kb", [a2], [vectors(a2, 2)])
+    revision, labels, vecs = store.text_vectors("kb", max_rows=100)
+    assert revision == store.revision("kb")
+    assert sorted(labels) == ["a", "a", "b", "b"]  # a's three old rows are gone
+    assert vecs.shape == (4, DIM) and vecs.dtype == np.float32
+    for label, v in zip(labels, vecs, strict=True):
+        assert np.argmax(v) == (2 if label == "a" else 1)  # each row its own entry's vector
+    assert store.text_vectors("kb", max_rows=3) is None  # over the limit: no head

@@ -109,6 +109,39 @@ async def test_upsert_replace_leaves_no_stale_match(client):
     assert stats.knowledge_bases[0].entries == 2
 
 
+async def test_entry_head_trains_after_writes_and_is_dropped_by_the_next(client):
+    from conftest import head_settled
+
+    kb = "head_test"
+    families = {
+        "bins": ["when are the bins collected", "what day is rubbish collection",
+                 "my recycling was not picked up"],
+        "parking": ["how do i get a parking permit", "where can residents park",
+                    "i got a parking ticket outside my house"],
+        "library": ["when does the library open", "can i renew my library books online",
+                    "how do i join the library"],
+    }
+    entries = [pb.Entry(knowledge_base=kb, id=e, answer=f"About {e}.", questions=qs)
+               for e, qs in families.items()]
+    await client.upsert(entries[:1])
+    assert await head_settled(client, kb) == "off"  # one entry: nothing to tell apart
+    await client.upsert(entries[1:])
+    assert (await client.stats(kb)).knowledge_bases[0].head == "training"
+    assert await head_settled(client, kb) == "ready"
+    got = await client.ask("the dustmen skipped my street this week", knowledge_base=kb,
+                           min_score=0.0)
+    assert got.answers[0].entry_id == "bins"
+    # A write makes the head stale at once: answers rank without it until it is retrained.
+    await client.upsert([pb.Entry(knowledge_base=kb, id="pool", answer="About the pool.",
+                                  questions=["is the swimming pool open on sunday"])])
+    assert (await client.stats(kb)).knowledge_bases[0].head == "training"
+    got = await client.ask("can i swim there on sundays", knowledge_base=kb, min_score=0.0)
+    assert got.answers[0].entry_id == "pool"
+    assert await head_settled(client, kb) == "ready"
+    got = await client.ask("can i swim there on sundays", knowledge_base=kb, min_score=0.0)
+    assert got.answers[0].entry_id == "pool"
+
+
 async def test_delete(client):
     kb = "delete_test"
     await client.upsert(

@@ -86,7 +86,7 @@ def _stats(args: argparse.Namespace, client: SupportClient) -> int:
     s = client.stats(args.knowledge_base or "")
     for kb in s.knowledge_bases:
         print(f"{kb.name}: {kb.entries} entries, {kb.rows} rows, {kb.image_rows} image rows, "
-              f"threshold {kb.threshold:.2f}")
+              f"threshold {kb.threshold:.2f}, entry head {kb.head or 'unknown'}")
     for c in s.components:
         state = "on" if c.enabled else "off"
         print(f"  {c.name}: {state} {c.model} {c.device} {c.detail}".rstrip())

@@ -650,6 +650,28 @@ async def upsert_entries(client: Any, entries: Sequence[supportqa_pb2.Entry]) ->
     return rows
 
 
+async def wait_for_head(client: Any, knowledge_base: str, timeout_s: float = 300.0) -> str:
+    """Waits while the server trains the knowledge base's entry head, so every query is
+    ranked the way a settled knowledge base is; returns its final state.
+
+    Raises:
+        EvalRunError: Still training after timeout_s.
+    """
+    deadline = time.monotonic() + timeout_s
+    t0 = time.perf_counter()
+    while True:
+        reply = await client.stats(knowledge_base)
+        state = reply.knowledge_bases[0].head if reply.knowledge_bases else "off"
+        if state != "training":
+            print(f"entry head: {state or 'unknown'} (waited {time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr)
+            return state
+        if time.monotonic() > deadline:
+            raise EvalRunError(f"the entry head of {knowledge_base!r} was still training "
+                               f"after {timeout_s:.0f} s")
+        await asyncio.sleep(0.5)
+
+
 async def ask_all(
     client: Any,
     queries: Sequence[Example],
@@ -744,6 +766,7 @@ async def _evaluate(
         client = await stack.enter_async_context(client_factory(target))
         if not args.no_upsert:
             await upsert_entries(client, entries)
+        await wait_for_head(client, args.knowledge_base)
         start = time.perf_counter()
         outcomes = await ask_all(
             client,

@@ -16,6 +16,7 @@ import numpy as np
 
 from .batching import MicroBatcher
 from .errors import InvalidInput, NotAvailable, NotReady, TooLarge
+from .head import EntryHead, HeadTrainer
 from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
 from .store import EntryData, KnowledgeStore
@@ -35,6 +36,9 @@ LEXICAL_ROWS = 50
 # float32 355/s at 16 (216/s at 64); bfloat16 712/s at 32, 700/s at 16, 645/s at 64.
 ENCODE_CHUNK = {"float32": 16, "bfloat16": 32}
 LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most this often
+# An ingest is many Upsert calls: the entry head trains once writes pause this long (s)
+# rather than after each one.
+HEAD_SETTLE_S = 1.0
 MAX_QUESTIONS = 200  # paraphrases per entry
 MAX_ID_CHARS = 256
 _KB_RE = re.compile(KB_NAME_PATTERN)
@@ -230,6 +234,9 @@ class Pipeline:
         self._batchers: dict[str, MicroBatcher] = {}
         # knowledge base -> (store revision, built at (monotonic s), its speech LM)
         self._speech_lms: dict[str, tuple] = {}
+        self._heads: dict[str, EntryHead] = {}  # per knowledge base, maybe behind its writes
+        self._head_tasks: dict[str, asyncio.Task] = {}
+        self._head_off: dict[str, int] = {}  # knowledge base -> revision it cannot have one at
 
     # Start-up and shutdown
 
@@ -336,9 +343,13 @@ class Pipeline:
             batcher("image encoder", self._embed_image_batch, self._model_exec, s.max_batch,
                     s.max_wait_ms)
         self.ready = True
+        for kb in self.store.knowledge_bases():
+            self._head(kb)
 
     async def close(self) -> None:
         self.ready = False
+        for task in self._head_tasks.values():
+            task.cancel()
         for name, b in self._batchers.items():
             await b.close()
             st = b.stats
@@ -408,6 +419,66 @@ class Pipeline:
         log.info("speech language model for %r: %d texts in %.2f s", kb, lm.n_texts,
                  time.perf_counter() - t0)
         return lm
+
+    # The entry head (head.py)
+
+    def _head(self, kb: str) -> EntryHead | None:
+        """The knowledge base's entry head when it was trained on the current entries; else
+        None, and a training is started (a stale head would favour the entries it knew)."""
+        if self.rank_options.head_weight <= 0 or self.store is None or not self.store.has(kb):
+            return None
+        revision = self.store.revision(kb)
+        head = self._heads.get(kb)
+        if head is not None and head.revision == revision:
+            return head
+        task = self._head_tasks.get(kb)
+        if self._head_off.get(kb) != revision and (task is None or task.done()):
+            self._head_tasks[kb] = asyncio.get_running_loop().create_task(self._keep_head(kb))
+        return None
+
+    def head_state(self, kb: str) -> str:
+        """"ready" (trained on the current entries), "training" or "off"."""
+        if self._head(kb) is not None:
+            return "ready"
+        off = self.rank_options.head_weight <= 0 or (
+            self.store is not None and self._head_off.get(kb) == self.store.revision(kb)
+        )
+        return "off" if off else "training"
+
+    async def _keep_head(self, kb: str) -> None:
+        """Trains the head until one matches the knowledge base's revision. Each step of the
+        fit is its own task on the model thread, so questions keep being embedded."""
+        assert self.store is not None
+        store, s, loop = self.store, self.settings, asyncio.get_running_loop()
+        while True:
+            revision = store.revision(kb)
+            head = self._heads.get(kb)
+            if head is not None and head.revision == revision:
+                return
+            await asyncio.sleep(HEAD_SETTLE_S)
+            if store.revision(kb) != revision:
+                continue  # still being written
+            t0 = time.perf_counter()
+            try:
+                got = await loop.run_in_executor(
+                    self._store_exec, store.text_vectors, kb, s.head_max_rows
+                )
+                if got is None or len(set(got[1])) < 2:
+                    log.info("entry head for %r: off (%s)", kb, "fewer than 2 entries" if got
+                             else f"more than SUPPORTQA_HEAD_MAX_ROWS={s.head_max_rows} rows")
+                    self._head_off[kb] = revision
+                    return
+                trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0])
+                while not await loop.run_in_executor(self._model_exec, trainer.step):
+                    pass
+            except Exception:  # noqa: BLE001 - answers go on without a head; the log says why
+                log.exception("entry head for %r: training failed", kb)
+                self._head_off[kb] = revision
+                return
+            self._heads[kb] = trainer.head()
+            log.info("entry head for %r: %d rows, %d entries, %d iterations in %.1f s", kb,
+                     len(got[1]), len(trainer.entry_ids), trainer.iterations,
+                     time.perf_counter() - t0)
 
     def _read_batch(self, images: list) -> list:
         assert self.reader is not None
@@ -600,7 +671,9 @@ class Pipeline:
             elif lexical is not None and not lexical.cancelled():
                 lexical.exception()  # retrieved: the dense search's failure is the one reported
         t0 = time.perf_counter()
-        ranked = rank(dense, found, self.rank_options, extra_routes=q.routes)
+        head = self._head(req.knowledge_base)
+        probs = head.probabilities(vector[None])[0] if head and head.dim == len(vector) else None
+        ranked = rank(dense, found, self.rank_options, extra_routes=q.routes, head=probs)
         timings.rank_us += _us(t0)
         return ranked
 
@@ -820,8 +893,9 @@ class Pipeline:
     def get(self, knowledge_base: str, entry_id: str) -> EntryData:
         return self._require_ready().get(knowledge_base, entry_id)
 
-    def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, int, float]]:
-        """(name, entries, rows, image rows, threshold) per knowledge base."""
+    def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, int, float, str]]:
+        """(name, entries, rows, image rows, threshold, entry head state) per knowledge base."""
         store = self._require_ready()
         names = [knowledge_base] if knowledge_base else store.knowledge_bases()
-        return [(n, *store.counts(n), self.settings.threshold_for(n)) for n in names]
+        return [(n, *store.counts(n), self.settings.threshold_for(n), self.head_state(n))
+                for n in names]

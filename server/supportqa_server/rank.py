@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .store import RowHit
@@ -31,6 +31,9 @@ class RankOptions:
     # "mean_top" (mean cosine of its best `top_rows` rows).
     confidence: str = "best"
     margin_weight: float = 0.0  # confidence bonus per unit of top1-top2 cosine gap
+    # Weight of the entry head's probability (head.py) in the ranking key: added as is with
+    # "score" fusion, as a third reciprocal-rank route with "rrf". Orders, never confidence.
+    head_weight: float = 0.0
 
     def check(self) -> None:
         """Raises ValueError naming the first unusable option."""
@@ -46,8 +49,9 @@ class RankOptions:
             raise ValueError("top_rows and knn must be at least 1")
         if self.knn_temperature <= 0 or self.rrf_k < 0:
             raise ValueError("knn_temperature must be positive and rrf_k not negative")
-        if self.lexical_weight < 0 or self.margin_weight < 0:
-            raise ValueError("lexical_weight and margin_weight must not be negative")
+        if self.lexical_weight < 0 or self.margin_weight < 0 or self.head_weight < 0:
+            raise ValueError("lexical_weight, margin_weight and head_weight must not be "
+                             "negative")
 
 
 AGGREGATIONS = ("max", "mean_top", "knn")
@@ -106,6 +110,7 @@ def rank(
     opts: RankOptions,
     *,
     extra_routes: Sequence[str] = (),
+    head: Mapping[str, float] | None = None,
 ) -> list[RankedEntry]:
     """Fuses the dense and lexical row hits of one question into entries, best first.
 
@@ -120,6 +125,8 @@ def rank(
         lexical: BM25 row hits, best first; ``score`` is a BM25 score.
         opts: Ranking options.
         extra_routes: Routes to add to every entry (e.g. READ when the text came from OCR).
+        head: The entry head's probabilities for this question (EntryHead.probabilities),
+            weighted by ``opts.head_weight`` into the key of the entries found by the routes.
 
     Returns:
         Every entry with a row, best first.
@@ -151,6 +158,14 @@ def rank(
             top_bm25 = lex_best[lex_order[0]] or 1.0
             for e, b in lex_best.items():
                 fused[e] += opts.lexical_weight * b / top_bm25  # BM25 share of the best, [0, 1]
+    if head and opts.head_weight > 0:
+        if opts.fusion == "rrf":
+            found = sorted((e for e in fused if e in head), key=lambda e: -head[e])
+            for r, e in enumerate(found):
+                fused[e] += opts.head_weight / (opts.rrf_k + r + 1)
+        else:
+            for e in fused:
+                fused[e] += opts.head_weight * head.get(e, 0.0)
     lex_set = set(lex_order[:50])
     out = []
     for e, f in fused.items():

@@ -175,11 +175,12 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
     @unary_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsReply:
         out = pb.StatsReply()
-        for name, entries, rows, image_rows, threshold in self.pipeline.stats(
+        for name, entries, rows, image_rows, threshold, head in self.pipeline.stats(
             request.knowledge_base
         ):
             out.knowledge_bases.append(pb.KnowledgeBaseStats(
-                name=name, entries=entries, rows=rows, image_rows=image_rows, threshold=threshold
+                name=name, entries=entries, rows=rows, image_rows=image_rows,
+                threshold=threshold, head=head,
             ))
         for c in self.pipeline.components:
             out.components.append(

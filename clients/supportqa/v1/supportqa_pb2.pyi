@@ -316,18 +316,20 @@ class StatsRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
 
 class KnowledgeBaseStats(_message.Message):
-    __slots__ = ("name", "entries", "rows", "image_rows", "threshold")
+    __slots__ = ("name", "entries", "rows", "image_rows", "threshold", "head")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     entries: int
     rows: int
     image_rows: int
     threshold: float
-    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., rows: _Optional[int] = ..., image_rows: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+    head: str
+    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., rows: _Optional[int] = ..., image_rows: _Optional[int] = ..., threshold: _Optional[float] = ..., head: _Optional[str] = ...) -> None: ...
 
 class Component(_message.Message):
     __slots__ = ("name", "model", "device", "enabled", "detail")

@@ -47,7 +47,7 @@ def test_stronger_regularisation_gives_flatter_probabilities():
 def test_trainer_steps_until_converged_and_keeps_its_state():
     x, labels, _ = clusters(seed=1)
     trainer = HeadTrainer(x, labels, c=10.0, max_iter=200)
-    assert trainer.step() is False and trainer.iterations == HeadTrainer.STEP_ITERATIONS
+    assert trainer.step() is False and trainer.iterations == 1  # the first step measures
     steps = 1
     while not trainer.step():
         steps += 1
@@ -55,6 +55,24 @@ def test_trainer_steps_until_converged_and_keeps_its_state():
     stepped = trainer.head()
     once = train_head(x, labels, c=10.0, max_iter=200)
     assert np.allclose(stepped.weight, once.weight, atol=1e-3)
+
+
+def test_a_step_takes_as_many_iterations_as_its_time_allows(monkeypatch):
+    x, labels, _ = clusters(seed=2)
+
+    def steps(budget_iterations: float) -> tuple[int, int]:
+        trainer = HeadTrainer(x, labels, c=10.0, max_iter=200)
+        trainer.step()  # measures one iteration
+        monkeypatch.setattr(HeadTrainer, "STEP_SECONDS",
+                            trainer._per_iteration_s * budget_iterations)
+        n = 1
+        while not trainer.step():
+            n += 1
+        return n, trainer.iterations
+
+    few, _ = steps(1000)
+    many, iterations = steps(0)  # below one iteration: one a step
+    assert few <= 4 < 10 <= many <= iterations
 
 
 @pytest.mark.parametrize(

@@ -52,9 +52,9 @@ class EntryHead:
 
 
 class HeadTrainer:
-    """Fits a head in steps of a few L-BFGS iterations, so a caller can interleave other
-    work on the same thread (the pipeline's model thread: its encoder batches run between
-    steps instead of waiting seconds for the whole fit).
+    """Fits a head in steps of about STEP_SECONDS, so a caller can interleave other work on
+    the same thread (the pipeline's model thread: its encoder batches run between steps
+    instead of waiting seconds for the whole fit).
 
     The objective is softmax cross-entropy summed over rows + ||W||^2 / (2 c), that is
     scikit-learn's LogisticRegression(C=c), multinomial, bias not penalised: the offline
@@ -72,7 +72,10 @@ class HeadTrainer:
             a non-positive c.
     """
 
-    STEP_ITERATIONS = 10  # per step(): ~40 ms at 15,000 rows, 150 entries on 2 cores
+    # Seconds of model-thread time one step() aims at: an encoder batch queued behind a step
+    # waits about this long. One L-BFGS iteration is the floor: ~30 ms at 8,000 rows x 384 x
+    # 77 entries, ~220 ms at 15,000 x 768 x 150 (2 cores).
+    STEP_SECONDS = 0.05
 
     def __init__(self, vectors: np.ndarray, labels: Sequence[str], *, c: float = 10.0,
                  max_iter: int = 200, revision: int = 0) -> None:
@@ -92,12 +95,13 @@ class HeadTrainer:
         self._w = torch.zeros(len(self.entry_ids), self._x.shape[1], requires_grad=True)
         self._b = torch.zeros(len(self.entry_ids), requires_grad=True)
         self._opt = torch.optim.LBFGS(
-            [self._w, self._b], lr=1.0, max_iter=self.STEP_ITERATIONS, history_size=10,
+            [self._w, self._b], lr=1.0, max_iter=1, history_size=10,
             tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
         )
         self.iterations = 0
         self.done = False
         self._last_loss = float("inf")
+        self._per_iteration_s = 0.0  # measured by the first step
 
     def _loss(self):
         import torch
@@ -111,16 +115,28 @@ class HeadTrainer:
         return loss
 
     def step(self) -> bool:
-        """Runs up to STEP_ITERATIONS iterations; True once the fit has converged or used
-        max_iter."""
+        """Runs as many iterations as fit in about STEP_SECONDS (at least one); True once the
+        fit has converged or used max_iter. The optimiser's history carries over."""
+        import time
+
         import torch
 
         if self.done:
             return True
+        n = 1
+        if self._per_iteration_s:
+            n = max(1, min(self._max_iter - self.iterations,
+                           int(self.STEP_SECONDS / self._per_iteration_s)))
+        group = self._opt.param_groups[0]
+        group["max_iter"], group["max_eval"] = n, 2 * n + 1  # a line search may evaluate twice
+        t0 = time.perf_counter()
         with torch.enable_grad():
             self._opt.step(self._loss)
         state = self._opt.state[self._w]
-        self.iterations = int(state.get("n_iter", 0))
+        ran = int(state.get("n_iter", 0)) - self.iterations
+        if ran:
+            self._per_iteration_s = (time.perf_counter() - t0) / ran
+        self.iterations += ran
         loss = float(state.get("prev_loss", self._last_loss))
         # A step ends early at its evaluation budget as well as at convergence, so converged
         # means the loss stopped moving, not a short step.

@@ -1,8 +1,8 @@
 """How long the entry head's training holds the model thread: per step and in all.
 
 Trains the head (head.py) on a data set's knowledge-base rows, as the server does after a
-write, with the shipped step budget and with a budget of 1e6 s (the whole fit in one step). An encoder
-batch that arrives during training waits for at most one step. Uses the text vectors that
+write, with the shipped step budget and with a budget of 1e6 s (the whole fit in one step).
+An encoder batch that arrives during training waits for at most one step. Uses the text vectors that
 tune_rank.py cached (run it once for the data set and model first).
 
 Usage: python benchmarks/bench_head.py [--data banking77|clinc150] [--model NAME_OR_DIR]

@@ -131,3 +131,15 @@ def test_probabilities_keep_the_top_entries_only():
     head = EntryHead(("a", "b", "c"), np.eye(3, dtype=np.float32) * 5, np.zeros(3, np.float32), 0)
     (p,) = head.probabilities(np.array([[1.0, 0.2, 0.0]], np.float32), top=2)
     assert set(p) == {"a", "b"} and p["a"] > p["b"]
+
+
+def test_transcripts_rank_with_their_own_head_weight():
+    from supportqa_server.pipeline import Pipeline
+    from supportqa_server.settings import Settings
+
+    p = Pipeline(Settings(head_weight=0.5, head_weight_voice=0.1))
+    assert p.rank_options.head_weight == 0.5
+    assert p._heard_rank_options.head_weight == 0.1
+    assert p._head_on
+    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0))._head_on
+    assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2))._head_on

@@ -164,6 +164,7 @@ class _Query:
     text: str
     routes: tuple[str, ...] = ()
     weight: float = 1.0  # share in the fusion of the question's lists
+    heard: bool = False  # a transcript: ranked with SUPPORTQA_HEAD_WEIGHT_VOICE
 
 
 @dataclass
@@ -210,6 +211,9 @@ class Pipeline:
     def __post_init__(self) -> None:
         if self.rank_options is None:
             self.rank_options = self.settings.rank_options()
+        self._heard_rank_options = replace(
+            self.rank_options, head_weight=self.settings.head_weight_voice
+        )
         self.ready = False
         self.store: KnowledgeStore | None = None
         self.encoder = None
@@ -422,10 +426,14 @@ class Pipeline:
 
     # The entry head (head.py)
 
+    @property
+    def _head_on(self) -> bool:
+        return self.rank_options.head_weight > 0 or self._heard_rank_options.head_weight > 0
+
     def _head(self, kb: str) -> EntryHead | None:
         """The knowledge base's entry head when it was trained on the current entries; else
         None, and a training is started (a stale head would favour the entries it knew)."""
-        if self.rank_options.head_weight <= 0 or self.store is None or not self.store.has(kb):
+        if not self._head_on or self.store is None or not self.store.has(kb):
             return None
         revision = self.store.revision(kb)
         head = self._heads.get(kb)
@@ -440,7 +448,7 @@ class Pipeline:
         """"ready" (trained on the current entries), "training" or "off"."""
         if self._head(kb) is not None:
             return "ready"
-        off = self.rank_options.head_weight <= 0 or (
+        off = not self._head_on or (
             self.store is not None and self._head_off.get(kb) == self.store.revision(kb)
         )
         return "off" if off else "training"
@@ -587,7 +595,7 @@ class Pipeline:
             timings.transcribe_us += _us(t0)
             yield Transcript(heard.text, heard.language, True)
             if heard.text.strip():
-                queries.append(_Query(heard.text.strip()))
+                queries.append(_Query(heard.text.strip(), heard=True))
         if req.image is not None:
             from .images import load_image
 
@@ -671,9 +679,10 @@ class Pipeline:
             elif lexical is not None and not lexical.cancelled():
                 lexical.exception()  # retrieved: the dense search's failure is the one reported
         t0 = time.perf_counter()
-        head = self._head(req.knowledge_base)
+        opts = self._heard_rank_options if q.heard else self.rank_options
+        head = self._head(req.knowledge_base) if opts.head_weight > 0 else None
         probs = head.probabilities(vector[None])[0] if head and head.dim == len(vector) else None
-        ranked = rank(dense, found, self.rank_options, extra_routes=q.routes, head=probs)
+        ranked = rank(dense, found, opts, extra_routes=q.routes, head=probs)
         timings.rank_us += _us(t0)
         return ranked
 

@@ -140,6 +140,11 @@ async def test_entry_head_trains_after_writes_and_is_dropped_by_the_next(client)
     assert await head_settled(client, kb) == "ready"
     got = await client.ask("can i swim there on sundays", knowledge_base=kb, min_score=0.0)
     assert got.answers[0].entry_id == "pool"
+    # A write starts the retraining itself: with no question or Stats call after it, the
+    # first look, once a few seconds have passed, finds the head ready.
+    await client.delete(["library"], knowledge_base=kb)
+    await asyncio.sleep(5)  # HEAD_SETTLE_S (1 s) + training 4 entries (milliseconds)
+    assert (await client.stats(kb)).knowledge_bases[0].head == "ready"
 
 
 async def test_delete(client):

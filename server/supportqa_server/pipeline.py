@@ -855,6 +855,7 @@ class Pipeline:
         replaced, rows = await loop.run_in_executor(
             self._store_exec, store.upsert, knowledge_base, entries, per_entry, see
         )
+        self._head(knowledge_base)  # retrain now rather than on the next question
         return UpsertResult(len(entries), replaced, rows)
 
     async def _see_vectors(
@@ -895,9 +896,11 @@ class Pipeline:
 
     async def delete(self, knowledge_base: str, ids: Sequence[str]) -> tuple[int, list[str]]:
         store = self._require_ready()
-        return await asyncio.get_running_loop().run_in_executor(
+        deleted = await asyncio.get_running_loop().run_in_executor(
             self._store_exec, store.delete, knowledge_base, list(ids)
         )
+        self._head(knowledge_base)
+        return deleted
 
     def get(self, knowledge_base: str, entry_id: str) -> EntryData:
         return self._require_ready().get(knowledge_base, entry_id)

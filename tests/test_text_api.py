@@ -275,6 +275,34 @@ async def test_cli_ingest_and_stats(text_server, tmp_path, capsys):
     assert "cli_kb: 2 entries" in capsys.readouterr().out
 
 
+async def test_cli_output_cut_short_by_a_pipe_ends_quietly(text_server, monkeypatch):
+    """`supportqa ask ... | head -1`: the reader has gone when the CLI writes."""
+    import os
+    import sys
+
+    from supportqa import cli
+
+    read_end, write_end = os.pipe()
+
+    class GoneReader:
+        def write(self, _text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return write_end
+
+    monkeypatch.setattr(sys, "stdout", GoneReader())
+    try:
+        argv = ["--target", text_server, "ask", "my card was stolen"]
+        assert await asyncio.to_thread(cli.main, argv) == 1  # no exception escapes
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_cli_ask_prints_ranked_answers_and_an_honest_no_answer(text_server, capsys):
     import asyncio
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import mimetypes
+import os
 import sys
 from pathlib import Path
 
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.command](args, client)
         except SupportQAError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            # The reader left (`supportqa ask ... | head -1`): no traceback. stdout goes to
+            # devnull so the interpreter's final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
 
 

@@ -143,3 +143,31 @@ def test_transcripts_rank_with_their_own_head_weight():
     assert p._head_on
     assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0))._head_on
     assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2))._head_on
+
+
+@pytest.mark.slow
+async def test_a_knowledge_base_of_another_model_gets_no_head_and_no_crash(tmp_path):
+    """Written with 8-d vectors, served with MiniLM's 384: the head is off, the server up."""
+    import asyncio
+
+    from supportqa_server.pipeline import Pipeline
+    from supportqa_server.settings import Settings
+    from supportqa_server.store import EntryData, KnowledgeStore
+
+    store = KnowledgeStore(str((tmp_path / "milvus.db").resolve()), 8)
+    store.open()
+    entries = [EntryData(id=i, answer=f"answer {i}", questions=(f"question {i}",))
+               for i in ("a", "b")]
+    store.upsert("other", entries, [np.eye(8, dtype=np.float32)[:2] for _ in entries])
+    store.close()
+    p = Pipeline(Settings(data_dir=tmp_path, speech_model="", ocr=False, clip_model=""))
+    await p.start()
+    try:
+        for _ in range(100):
+            if (state := p.head_state("other")) != "training":
+                break
+            await asyncio.sleep(0.1)
+        assert state == "off"
+        assert p.ready
+    finally:
+        await p.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .batching import MicroBatcher
-from .errors import InvalidInput, NotAvailable, NotReady, TooLarge
+from .errors import InvalidInput, NotAvailable, NotReady, SupportQAError, TooLarge
 from .head import EntryHead, HeadTrainer
 from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
@@ -479,6 +479,10 @@ class Pipeline:
                 trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0])
                 while not await loop.run_in_executor(self._model_exec, trainer.step):
                     pass
+            except SupportQAError as e:  # e.g. written with another model: its message says
+                log.warning("entry head for %r: off (%s)", kb, e)
+                self._head_off[kb] = revision
+                return
             except Exception:  # noqa: BLE001 - answers go on without a head; the log says why
                 log.exception("entry head for %r: training failed", kb)
                 self._head_off[kb] = revision

@@ -66,17 +66,18 @@ class Server:
             c.wait_ready(180)
         self.settle()
 
-    def settle(self, timeout_s: float = 300.0) -> None:
+    def settle(self) -> None:
         """Waits while the server trains entry heads (after start-up or writes): that CPU
         would land in the first load point, and its answers would rank without a head."""
-        from supportqa.client import SupportClient
+        from supportqa.client import AsyncSupportClient
+        from supportqa_server.evaluation import wait_for_head
 
-        deadline = time.monotonic() + timeout_s
-        with SupportClient(self.target) as c:
-            while any(kb.head == "training" for kb in c.stats().knowledge_bases):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("entry heads still training")
-                time.sleep(0.5)
+        async def wait() -> None:
+            async with AsyncSupportClient(self.target) as c:
+                for kb in (await c.stats()).knowledge_bases:
+                    await wait_for_head(c, kb.name)
+
+        asyncio.run(wait())
 
     @property
     def target(self) -> str:

@@ -57,26 +57,16 @@ async def text_server(text_settings):
     from supportqa.client import AsyncSupportClient
     from supportqa.knowledge_file import read_entries
     from supportqa_server.app import running_server
+    from supportqa_server.evaluation import wait_for_head
 
     async with running_server(text_settings) as target:
         async with AsyncSupportClient(target) as client:
             summary = await client.upsert(read_entries(SAMPLE_KB))
             assert summary.written == summary.received > 40
-            await head_settled(client, "default")
+            # Tests see the ranking a settled knowledge base gets: with its entry head.
+            await wait_for_head(client, "default")
         yield target
 
-
-async def head_settled(client, kb: str, timeout_s: float = 120.0) -> str:
-    """Waits until the knowledge base's entry head is no longer training: tests then see the
-    ranking a settled knowledge base gets. Returns the state ("ready" or "off")."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while (state := (await client.stats(kb)).knowledge_bases[0].head) == "training":
-        assert time.monotonic() < deadline, f"entry head of {kb!r} still training"
-        await asyncio.sleep(0.2)
-    return state
 
 
 @pytest.fixture

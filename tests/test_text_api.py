@@ -110,7 +110,7 @@ async def test_upsert_replace_leaves_no_stale_match(client):
 
 
 async def test_entry_head_trains_after_writes_and_is_dropped_by_the_next(client):
-    from conftest import head_settled
+    from supportqa_server.evaluation import wait_for_head
 
     kb = "head_test"
     families = {
@@ -124,10 +124,10 @@ async def test_entry_head_trains_after_writes_and_is_dropped_by_the_next(client)
     entries = [pb.Entry(knowledge_base=kb, id=e, answer=f"About {e}.", questions=qs)
                for e, qs in families.items()]
     await client.upsert(entries[:1])
-    assert await head_settled(client, kb) == "off"  # one entry: nothing to tell apart
+    assert await wait_for_head(client, kb) == "off"  # one entry: nothing to tell apart
     await client.upsert(entries[1:])
     assert (await client.stats(kb)).knowledge_bases[0].head == "training"
-    assert await head_settled(client, kb) == "ready"
+    assert await wait_for_head(client, kb) == "ready"
     got = await client.ask("the dustmen skipped my street this week", knowledge_base=kb,
                            min_score=0.0)
     assert got.answers[0].entry_id == "bins"
@@ -137,7 +137,7 @@ async def test_entry_head_trains_after_writes_and_is_dropped_by_the_next(client)
     assert (await client.stats(kb)).knowledge_bases[0].head == "training"
     got = await client.ask("can i swim there on sundays", knowledge_base=kb, min_score=0.0)
     assert got.answers[0].entry_id == "pool"
-    assert await head_settled(client, kb) == "ready"
+    assert await wait_for_head(client, kb) == "ready"
     got = await client.ask("can i swim there on sundays", knowledge_base=kb, min_score=0.0)
     assert got.answers[0].entry_id == "pool"
     # A write starts the retraining itself: with no question or Stats call after it, the

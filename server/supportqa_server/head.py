@@ -15,6 +15,7 @@ of 384 floats and 77 entries on 2 cores. The pipeline retrains it after writes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,8 +118,6 @@ class HeadTrainer:
     def step(self) -> bool:
         """Runs as many iterations as fit in about STEP_SECONDS (at least one); True once the
         fit has converged or used max_iter. The optimiser's history carries over."""
-        import time
-
         import torch
 
         if self.done:

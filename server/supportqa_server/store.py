@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -235,33 +235,35 @@ class KnowledgeStore:
                 self._create_images(kb)
             c.load_collection(_images_name(kb))
             state.image_dim = self._vector_width(_images_name(kb))
-        it = c.query_iterator(
-            _entries_name(kb), batch_size=1000, filter="version >= 0",
-            output_fields=["entry_id", "version", "doc"],
-        )
-        while batch := it.next():
+        for batch in self._scan(_entries_name(kb), ["entry_id", "version", "doc"]):
             for r in batch:
                 state.committed[r["entry_id"]] = (int(r["version"]), EntryData.from_json(r["doc"]))
-        it.close()
         for collection in (_rows_name(kb), _images_name(kb) if self.image_dim else None):
             if collection:
                 self._drop_dead_rows(collection, state)
         self._kbs[kb] = state
 
+    def _scan(self, collection: str, fields: list[str]) -> Iterator[list[dict]]:
+        """Every row of a collection, ``fields`` only, in batches of 1,000 (a Milvus query
+        returns at most 16,384 rows, so larger reads go through its iterator)."""
+        it = self.client.query_iterator(
+            collection, batch_size=1000, filter="version >= 0", output_fields=fields
+        )
+        try:
+            while batch := it.next():
+                yield batch
+        finally:
+            it.close()
+
     def _drop_dead_rows(self, collection: str, state: _KB) -> None:
         """Deletes rows whose version is not their entry's committed one (unfinished writes)."""
         c = self.client
         dead: list[str] = []
-        it = c.query_iterator(
-            collection, batch_size=1000, filter="version >= 0",
-            output_fields=["pk", "entry_id", "version"],
-        )
-        while batch := it.next():
+        for batch in self._scan(collection, ["pk", "entry_id", "version"]):
             for r in batch:
                 current = state.committed.get(r["entry_id"])
                 if current is None or current[0] != int(r["version"]):
                     dead.append(r["pk"])
-        it.close()
         if dead:
             log.warning("%s: removing %d rows of unfinished writes", collection, len(dead))
         for i in range(0, len(dead), INSERT_BATCH):
@@ -498,17 +500,12 @@ class KnowledgeStore:
         revision = state.revision
         if state.rows > max_rows:
             return None
-        it = self.client.query_iterator(
-            _rows_name(kb), batch_size=1000, filter="version >= 0",
-            output_fields=["pk", "entry_id", "vector"],
-        )
         labels, vecs = [], []
-        while batch := it.next():
+        for batch in self._scan(_rows_name(kb), ["pk", "entry_id", "vector"]):
             live = [r for r in batch if _committed_row(state, r["pk"]) is not None]
             labels += [r["entry_id"] for r in live]
             # To float32 a batch at a time: as Python floats, 100k rows of 384 would take 1 GB.
             vecs.append(np.asarray([r["vector"] for r in live], np.float32).reshape(-1, self.dim))
-        it.close()
         return revision, labels, np.concatenate(vecs or [np.zeros((0, self.dim), np.float32)])
 
     def counts(self, kb: str) -> tuple[int, int, int]:

@@ -159,3 +159,18 @@ async def test_max_wait_is_spent_only_once_callers_are_concurrent(executor):
 def test_rejects_bad_bounds(executor):
     with pytest.raises(ValueError):
         MicroBatcher(lambda x: x, executor=executor, max_batch=0)
+
+
+async def test_stats_add_up_model_time_and_queueing(executor):
+    gate = Gate()
+    b = MicroBatcher(gate, executor=executor, max_batch=8, max_wait_ms=0, max_queue=100)
+    first = asyncio.create_task(b.submit(0))
+    await _wait_entered(gate)
+    rest = [asyncio.create_task(b.submit(i)) for i in range(1, 4)]
+    await asyncio.sleep(0.05)  # the model holds batch [0] at least this long; 1-3 queue
+    gate.release.set()
+    await first
+    await asyncio.gather(*rest)
+    assert b.stats.busy_s >= 0.05
+    assert b.stats.waited_s >= 3 * 0.04  # lower bounds only: the sleep guarantees them
+    await b.close()

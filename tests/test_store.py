@@ -106,6 +106,25 @@ def test_lexical_route_finds_exact_error_code(store):
     assert lex and lex[0].entry_id == "e4012"
 
 
+def test_row_hits_found_before_a_write_are_dropped_after_it(store):
+    """Searches remember which row keys are live; a write must make them ask again."""
+    a1 = EntryData(id="a", title="alpha", answer="first")
+    store.upsert("kb", [a1], [vectors(a1, 0)])
+    (dense, _), = store.search("kb", np.stack([vec(0)]), ["alpha"], limit=10)
+    assert {h.text for h in dense} == {"alpha", "first"}
+    state = store._kbs["kb"]
+    old_key = f"a\x1f{state.committed['a'][0]}\x1f0"
+    assert [h.text for h in store._live(state, [(old_key, 0.9)])] == ["alpha"]
+    a2 = EntryData(id="a", title="alpha two", answer="second")
+    store.upsert("kb", [a2], [vectors(a2, 0)])
+    # Milvus may still send a row of the replaced version: it no longer counts
+    assert store._live(state, [(old_key, 0.9)]) == []
+    new_key = f"a\x1f{state.committed['a'][0]}\x1f0"
+    assert [h.text for h in store._live(state, [(new_key, 0.9)])] == ["alpha two"]
+    store.delete("kb", ["a"])
+    assert store._live(state, [(new_key, 0.9)]) == []
+
+
 def test_delete_reports_missing(store):
     a = EntryData(id="a", answer="x")
     store.upsert("kb", [a], [vectors(a, 0)])

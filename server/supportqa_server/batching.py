@@ -21,6 +21,7 @@ class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() seconds; None: no deadline
+    queued: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class BatchStats:
     dropped: int = 0  # cancelled or expired before their batch ran
     rejected: int = 0  # refused because the queue was full
     sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    busy_s: float = 0.0  # seconds `fn` ran, summed over batches
+    waited_s: float = 0.0  # seconds items queued before their batch ran, summed over items
 
 
 class MicroBatcher(Generic[T, R]):
@@ -133,6 +136,13 @@ class MicroBatcher(Generic[T, R]):
             else:
                 batch.append(p)
 
+    def _timed(self, items: list[T]) -> Sequence[R]:
+        t0 = time.perf_counter()
+        try:
+            return self._fn(items)
+        finally:
+            self.stats.busy_s += time.perf_counter() - t0
+
     async def _run(self) -> None:
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
@@ -161,9 +171,11 @@ class MicroBatcher(Generic[T, R]):
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.sizes[len(batch)] += 1
+            started = time.monotonic()
+            self.stats.waited_s += sum(started - p.queued for p in batch)
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._fn, [p.item for p in batch]
+                    self._executor, self._timed, [p.item for p in batch]
                 )
             except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
                 for p in batch:

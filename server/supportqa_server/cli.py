@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# torch's OpenMP runtime (libgomp) keeps a worker spinning for 300,000 iterations after each
+# parallel region. On 2 cores that spin takes the CPU that the Milvus search right after an
+# encode needs: a lone question's search took 5.6-5.9 ms, 4.5-4.7 ms with 20,000 (one
+# sentence's encode alone: the same within noise; docs/bench_text.md). libgomp reads it when
+# torch loads, hence here, before anything imports torch.
+OMP_SPIN_COUNT = "20000"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
     parser = argparse.ArgumentParser(prog="supportqa-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)

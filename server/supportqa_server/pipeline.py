@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
@@ -19,7 +18,7 @@ from .errors import InvalidInput, NotAvailable, NotReady, SupportQAError, TooLar
 from .head import EntryHead, HeadTrainer
 from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
-from .store import EntryData, KnowledgeStore
+from .store import EntryData, KnowledgeStore, RowHit
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +130,22 @@ Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Done
 
 @dataclass(frozen=True)
 class _SearchItem:
+    """One question for the text encoder batch: embedded, then searched on both routes."""
+
     knowledge_base: str
-    query: np.ndarray | str  # a unit vector for the dense route, a text for BM25
-    limit: int
+    text: str
+    limit: int  # dense rows
+    lexical_limit: int  # BM25 rows; 0: no BM25
     locale: str
     tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Found:
+    vector: np.ndarray
+    dense: list[RowHit]
+    lexical: list[RowHit]
+    search_us: int  # of the batch's job, for StageTimings
 
 
 @dataclass(frozen=True)
@@ -333,11 +343,11 @@ class Pipeline:
                 max_queue=s.max_queue, name=name,
             )
 
-        batcher("text encoder", self._encode_batch, self._model_exec, s.max_batch, s.max_wait_ms)
-        batcher("dense search", functools.partial(self._search_batch, "dense"),
-                self._store_exec, s.max_batch, 0.0)
-        batcher("lexical search", functools.partial(self._search_batch, "lexical"),
-                self._store_exec, s.max_batch, 0.0)
+        # A question's search runs in its encoder batch's job, on the model thread: on 2 cores
+        # a search beside the next encode made both ~2x slower (12 questions: encode 24 -> 51
+        # ms, search 8 -> 31 ms), so in turns the model thread gets more done (docs/bench_text.md).
+        batcher("text encoder", self._question_batch, self._model_exec, s.max_batch,
+                s.max_wait_ms)
         if self.speech is not None:
             batcher("speech", self._transcribe_batch, self._model_exec,
                     s.speech_max_batch, s.speech_max_wait_ms)
@@ -359,8 +369,9 @@ class Pipeline:
             st = b.stats
             if st.batches:  # what max_batch / max_wait tuning needs to know
                 log.info("%s: %d items in %d batches (mean %.1f, largest %d); %d dropped, "
-                         "%d refused", name, st.items, st.batches, st.items / st.batches,
-                         max(st.sizes), st.dropped, st.rejected)
+                         "%d refused; ran %.1f s, items queued %.1f ms on average", name,
+                         st.items, st.batches, st.items / st.batches, max(st.sizes), st.dropped,
+                         st.rejected, st.busy_s, 1000 * st.waited_s / st.items)
         if self.store is not None:
             self.store.close()
         for ex in (self._model_exec, self._ocr_exec, self._decode_exec, self._store_exec):
@@ -500,23 +511,31 @@ class Pipeline:
         assert self.image_encoder is not None
         return list(self.image_encoder.embed_images(images))
 
-    def _search_batch(self, route: str, items: list[_SearchItem]) -> list:
+    def _question_batch(self, items: list[_SearchItem]) -> list:
+        """Embeds a batch, then searches it: per item a _Found, or the exception of its
+        search group (knowledge base, limits, filters: one Milvus call per route each)."""
         assert self.store is not None
-        search = self.store.search_dense if route == "dense" else self.store.search_lexical
+        vectors = self._encode_batch([it.text for it in items])
+        t0 = time.perf_counter()
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault((it.knowledge_base, it.limit, it.locale, it.tags), []).append(i)
+            key = (it.knowledge_base, it.limit, it.lexical_limit, it.locale, it.tags)
+            groups.setdefault(key, []).append(i)
         out: list = [None] * len(items)
-        for (kb, limit, locale, tags), idx in groups.items():
-            queries = [items[i].query for i in idx]
+        for (kb, limit, lexical_limit, locale, tags), idx in groups.items():
             try:
-                found = search(kb, np.stack(queries) if route == "dense" else queries,
-                               limit=limit, locale=locale, tags=tags)
+                found = self.store.search(
+                    kb, np.stack([vectors[i] for i in idx]), [items[i].text for i in idx],
+                    limit=limit, locale=locale, tags=tags, lexical=lexical_limit > 0,
+                    lexical_limit=lexical_limit or None,
+                )
             except Exception as e:  # noqa: BLE001 - one group's failure is its callers' alone
                 found = [e] * len(idx)
             for i, r in zip(idx, found, strict=True):
                 out[i] = r
-        return out
+        search_us = _us(t0)
+        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us)
+                for v, r in zip(vectors, out, strict=True)]
 
     async def _submit(self, name: str, item, timeout: float | None):
         result = await self._batchers[name].submit(item, timeout=timeout)
@@ -656,37 +675,19 @@ class Pipeline:
 
     async def _ranked(self, req: AskRequest, q: _Query, timings: Timings) -> list[RankedEntry]:
         limit = max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER)
-
-        def item(query: np.ndarray | str, rows: int) -> _SearchItem:
-            return _SearchItem(req.knowledge_base, query, rows, req.locale, req.tags)
-
-        # BM25 searches beside the dense search, once the question is embedded. Started on
-        # arrival instead, it took CPU from the encoder (a lone question: 6.8 -> 9 ms to embed)
-        # and, under load, its batches formed on arrivals rather than behind the encoder's:
-        # 7 against 12 questions a Milvus call at concurrency 32, and 3-10% fewer QPS.
-        lexical = None
-        try:
-            t0 = time.perf_counter()
-            vector = await self._submit("text encoder", q.text, req.timeout)
-            timings.embed_us += _us(t0)
-            t0 = time.perf_counter()
-            if self.rank_options.lexical_weight > 0:
-                lexical = asyncio.ensure_future(self._submit(
-                    "lexical search", item(q.text, min(limit, LEXICAL_ROWS)), req.timeout
-                ))
-            dense = await self._submit("dense search", item(vector, limit), req.timeout)
-            found = await lexical if lexical is not None else []
-            timings.search_us += _us(t0)
-        finally:
-            if lexical is not None and not lexical.done():
-                lexical.cancel()
-            elif lexical is not None and not lexical.cancelled():
-                lexical.exception()  # retrieved: the dense search's failure is the one reported
+        lexical_limit = min(limit, LEXICAL_ROWS) if self.rank_options.lexical_weight > 0 else 0
+        t0 = time.perf_counter()
+        found = await self._submit("text encoder", _SearchItem(
+            req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags
+        ), req.timeout)
+        timings.embed_us += _us(t0) - found.search_us
+        timings.search_us += found.search_us
+        vector, dense, lexical = found.vector, found.dense, found.lexical
         t0 = time.perf_counter()
         opts = self._heard_rank_options if q.heard else self.rank_options
         head = self._head(req.knowledge_base) if opts.head_weight > 0 else None
         probs = head.probabilities(vector[None])[0] if head and head.dim == len(vector) else None
-        ranked = rank(dense, found, opts, extra_routes=q.routes, head=probs)
+        ranked = rank(dense, lexical, opts, extra_routes=q.routes, head=probs)
         timings.rank_us += _us(t0)
         return ranked
 

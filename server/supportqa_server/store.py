@@ -104,7 +104,9 @@ class _KB:
     # Row key -> (entry id, kind, text), or None for a stale row: filled by searches, valid
     # for one revision (a search's hits are keys; splitting and looking each up was half of
     # the Python time of a search: ~250 hits a question).
-    _hit_rows: tuple[int, dict[str, tuple[str, str, str] | None]] = (-1, {})
+    _hit_rows: tuple[int, dict[str, tuple[str, str, str] | None]] = field(
+        default_factory=lambda: (-1, {}), repr=False, compare=False
+    )
 
     @property
     def rows(self) -> int:

@@ -37,11 +37,18 @@ async def _wait_entered(gate: Gate) -> None:
     await asyncio.to_thread(gate.entered.wait, 10)
 
 
-async def test_items_queued_while_model_runs_share_one_call(executor):
+async def _holding_first(executor, **kwargs) -> tuple[Gate, MicroBatcher, asyncio.Task]:
+    """A batcher (max_wait 0) whose model is running batch [0], held until gate.release."""
     gate = Gate()
-    b = MicroBatcher(gate, executor=executor, max_batch=8, max_wait_ms=0, max_queue=100)
+    b = MicroBatcher(gate, executor=executor, max_wait_ms=0, **kwargs)
     first = asyncio.create_task(b.submit(0))
-    await _wait_entered(gate)  # batch [0] is running; the next 5 items queue behind it
+    await _wait_entered(gate)
+    return gate, b, first
+
+
+async def test_items_queued_while_model_runs_share_one_call(executor):
+    # batch [0] is running; the next 5 items queue behind it
+    gate, b, first = await _holding_first(executor, max_batch=8, max_queue=100)
     rest = [asyncio.create_task(b.submit(i)) for i in range(1, 6)]
     await asyncio.sleep(0)
     gate.release.set()
@@ -53,10 +60,7 @@ async def test_items_queued_while_model_runs_share_one_call(executor):
 
 
 async def test_batches_never_exceed_max_batch(executor):
-    gate = Gate()
-    b = MicroBatcher(gate, executor=executor, max_batch=3, max_wait_ms=0, max_queue=100)
-    first = asyncio.create_task(b.submit(0))
-    await _wait_entered(gate)
+    gate, b, first = await _holding_first(executor, max_batch=3, max_queue=100)
     rest = [asyncio.create_task(b.submit(i)) for i in range(1, 8)]
     await asyncio.sleep(0)
     gate.release.set()
@@ -67,10 +71,7 @@ async def test_batches_never_exceed_max_batch(executor):
 
 
 async def test_full_queue_refuses_at_once(executor):
-    gate = Gate()
-    b = MicroBatcher(gate, executor=executor, max_batch=2, max_wait_ms=0, max_queue=3)
-    running = asyncio.create_task(b.submit(0))
-    await _wait_entered(gate)
+    gate, b, running = await _holding_first(executor, max_batch=2, max_queue=3)
     queued = [asyncio.create_task(b.submit(i)) for i in (1, 2, 3)]
     await asyncio.sleep(0)
     assert len(b) == 3
@@ -84,10 +85,7 @@ async def test_full_queue_refuses_at_once(executor):
 
 
 async def test_cancelled_and_expired_items_never_reach_the_model(executor):
-    gate = Gate()
-    b = MicroBatcher(gate, executor=executor, max_batch=8, max_wait_ms=0, max_queue=100)
-    running = asyncio.create_task(b.submit(0))
-    await _wait_entered(gate)
+    gate, b, running = await _holding_first(executor, max_batch=8, max_queue=100)
     cancelled = asyncio.create_task(b.submit(1))
     expired = asyncio.create_task(b.submit(2, timeout=0.0))
     kept = asyncio.create_task(b.submit(3))
@@ -162,10 +160,7 @@ def test_rejects_bad_bounds(executor):
 
 
 async def test_stats_add_up_model_time_and_queueing(executor):
-    gate = Gate()
-    b = MicroBatcher(gate, executor=executor, max_batch=8, max_wait_ms=0, max_queue=100)
-    first = asyncio.create_task(b.submit(0))
-    await _wait_entered(gate)
+    gate, b, first = await _holding_first(executor, max_batch=8, max_queue=100)
     rest = [asyncio.create_task(b.submit(i)) for i in range(1, 4)]
     await asyncio.sleep(0.05)  # the model holds batch [0] at least this long; 1-3 queue
     gate.release.set()

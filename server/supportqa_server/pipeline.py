@@ -344,8 +344,8 @@ class Pipeline:
             )
 
         # A question's search runs in its encoder batch's job, on the model thread: on 2 cores
-        # a search beside the next encode made both ~2x slower (12 questions: encode 24 -> 51
-        # ms, search 8 -> 31 ms), so in turns the model thread gets more done (docs/bench_text.md).
+        # a search beside the next encode made both slower (12 questions: encode 29-32 -> 51
+        # ms, search ~8 -> 31 ms), so in turns more gets done (docs/bench_summary.md).
         batcher("text encoder", self._question_batch, self._model_exec, s.max_batch,
                 s.max_wait_ms)
         if self.speech is not None:
@@ -478,6 +478,7 @@ class Pipeline:
             if store.revision(kb) != revision:
                 continue  # still being written
             t0 = time.perf_counter()
+            trainer = None
             try:
                 got = await loop.run_in_executor(
                     self._store_exec, store.text_vectors, kb, s.head_max_rows
@@ -485,17 +486,17 @@ class Pipeline:
                 if got is None or len(set(got[1])) < 2:
                     log.info("entry head for %r: off (%s)", kb, "fewer than 2 entries" if got
                              else f"more than SUPPORTQA_HEAD_MAX_ROWS={s.head_max_rows} rows")
-                    self._head_off[kb] = revision
-                    return
-                trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0])
-                while not await loop.run_in_executor(self._model_exec, trainer.step):
-                    pass
+                else:
+                    trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0])
+                    while not await loop.run_in_executor(self._model_exec, trainer.step):
+                        pass
             except SupportQAError as e:  # e.g. written with another model: its message says
                 log.warning("entry head for %r: off (%s)", kb, e)
-                self._head_off[kb] = revision
-                return
+                trainer = None
             except Exception:  # noqa: BLE001 - answers go on without a head; the log says why
                 log.exception("entry head for %r: training failed", kb)
+                trainer = None
+            if trainer is None:
                 self._head_off[kb] = revision
                 return
             self._heads[kb] = trainer.head()

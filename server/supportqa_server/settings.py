@@ -112,7 +112,9 @@ class Settings(BaseSettings):
     ocr_max_batch: int = 4  # images per OCR call
     partial_seconds: float = 2.0  # Converse: a partial transcript per this much new audio
     torch_threads: int = 0  # intra-op threads; 0: all cores
-    store_threads: int = 4  # threads for Milvus calls
+    # threads for Milvus writes, image searches and reads for the entry head (a text
+    # question is searched on the model thread, in its encoder batch's job)
+    store_threads: int = 4
 
     @field_validator("device")
     @classmethod

@@ -127,29 +127,28 @@ def test_every_row_fused_in_place_equals_the_row_gathering_path(lm, classes):
     assert not torch.equal(every, logits)
 
 
-def test_top_k_fusion_is_full_fusion_on_whisper_top_tokens(lm, classes):
-    """Fusing only each row's top-k text tokens: the rest keep Whisper's logits, the top-k
-    move as full fusion moves them (up to one constant a row), and text keeps its mass."""
+def test_fusion_equals_dense_fusion_over_every_text_token(lm, classes):
+    """Moving only the KB's tokens gives what adding weight * log P_kb to all ~50k text
+    tokens and restoring their mass gives, suppressed (-inf) tokens included."""
     tok = classes.tokenizer
     prefix = list(tok.sot_sequence_including_notimestamps)
-    made = [tok.encode(" I forgot my"), tok.encode(" how do I top")]
+    made = [tok.encode(" I forgot my"), tok.encode(" how do I top"), [], tok.encode(" xyzzy")]
     width = max(len(m) for m in made)
     tokens = torch.tensor([prefix + [tok.eot] * (width - len(m)) + m for m in made])
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, classes.eot + 10, generator=gen) * 3
-    logits[:, [token(classes, " PIN"), token(classes, " up")]] = 12.0  # KB words in the top
-    full, top = logits.clone(), logits.clone()
-    KnowledgeBias([lm, lm], weight=0.3, sample_begin=len(prefix), top_k=None).apply(full, tokens)
-    KnowledgeBias([lm, lm], weight=0.3, sample_begin=len(prefix), top_k=16).apply(top, tokens)
+    logits = torch.randn(4, classes.eot + 10, generator=gen) * 3
+    pin = token(classes, " PIN")
+    logits[1, pin] = -math.inf  # suppressed by an earlier filter
     eot = classes.eot
-    for row in range(2):
-        picked = logits[row, :eot].topk(16).indices
-        rest = torch.ones(eot, dtype=torch.bool)
-        rest[picked] = False
-        assert torch.equal(top[row, :eot][rest], logits[row, :eot][rest])
-        shift = top[row, picked] - full[row, picked]
-        torch.testing.assert_close(shift, shift[:1].expand(16), atol=1e-4, rtol=0)
-        assert not torch.equal(top[row, picked], logits[row, picked])  # they did move
-        torch.testing.assert_close(torch.logsumexp(top[row, :eot], 0),
-                                   torch.logsumexp(logits[row, :eot], 0))
-    assert torch.equal(top[:, eot:], logits[:, eot:])
+    expected = logits.clone()
+    for row, m in enumerate(made):
+        lp = lm.log_probs([int(classes.of_token[t]) for t in m]).double()
+        text = expected[row, :eot].double()
+        fused = text + 0.3 * lp[torch.from_numpy(classes.of_token[:eot])]
+        expected[row, :eot] = (fused + torch.logsumexp(text, 0) - torch.logsumexp(fused, 0)).float()
+    got = logits.clone()
+    KnowledgeBias([lm] * 4, weight=0.3, sample_begin=len(prefix)).apply(got, tokens)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert got[1, pin] == -math.inf
+    assert torch.equal(got[:, eot:], logits[:, eot:])
+    assert not torch.equal(got[0, :eot], logits[0, :eot])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from supportqa_server.audio import decode_audio
 from supportqa_server.errors import InvalidInput
 
@@ -172,6 +173,20 @@ def test_trim_encodes_only_the_speech_sent(tiny, speechbrain, monkeypatch):
     assert seen[-2] == 400  # 2.87 s + 1 s margin, rounded up to whole seconds
     assert seen[-1] == 3000  # 30 s
     assert set(seen[:-2]) <= {3000}  # at most a silence prior's one-off encoding
+
+
+def test_trimmed_mel_is_the_30_s_mel_cut_short(tiny, speechbrain, jfk):
+    """A trimmed clip's mel is computed over its own frames only, yet equals the first frames
+    of the 30-s padded mel, and its last frame is the 30-s mel's padding level."""
+    quiet = np.zeros(8000, np.float32)
+    for clip in [speechbrain[0][0], jfk, jfk[:4000], quiet]:
+        n = tiny._n_frames(len(clip))
+        assert n < 3000
+        full = tiny._mel(clip)
+        short = tiny._mel(clip, n)
+        assert full.shape[1] == 3000 and short.shape[1] == n + 2
+        torch.testing.assert_close(short[:, :n], full[:, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(short[:, -1], full[:, -1], atol=1e-6, rtol=0)
 
 
 def test_english_only_model_answers_en(tiny, jfk):

@@ -58,6 +58,10 @@ class KnowledgeLM:
     The lowest order counts, Kneser-Ney style, the distinct classes each class follows rather
     than its occurrences: a class that only ever follows one other ("up" after "top") gets
     little weight where that other is absent.
+
+    Every class the KB never uses gets only the uniform floor's share in any context, so a
+    context's distribution is that one floor plus a vector over the classes the KB uses
+    (``seen``: ~2.6k of Whisper's ~39k classes for BANKING77). ``lift`` returns that vector.
     """
 
     def __init__(self, classes: TokenClasses, texts: Iterable[str], order: int = ORDER) -> None:
@@ -79,36 +83,37 @@ class KnowledgeLM:
                 preceded[w].add(seq[i - 1])
                 for k in range(1, order):
                     follow[tuple(seq[i - k : i])][w] += 1
-        p1 = np.full(n, 1.0 / n)
+        # Every class that follows a context also follows its last class, so `preceded`
+        # holds every class any order gives mass to.
+        self.seen = np.array(sorted(preceded), dtype=np.int64)  # (m,) classes, ascending
+        at = np.full(n, -1, dtype=np.int64)
+        at[self.seen] = np.arange(len(self.seen))
+        self._floor1 = 1.0 / n
+        self._p1 = np.empty(0)
         if preceded:
-            ids = np.fromiter(preceded.keys(), dtype=np.int64)
-            counts = np.fromiter((len(v) for v in preceded.values()), dtype=np.float64)
+            counts = np.array([len(preceded[c]) for c in self.seen], dtype=np.float64)
             total = counts.sum()
-            p1 *= DISCOUNT * len(ids) / total
-            p1[ids] += (counts - DISCOUNT) / total
-        self._p1 = p1
-        # Per context: (seen classes, their discounted probabilities, back-off weight).
+            self._floor1 *= DISCOUNT * len(counts) / total
+            self._p1 = self._floor1 + (counts - DISCOUNT) / total  # (m,)
+        # Per context: (positions in `seen`, their discounted probabilities, back-off weight).
         self._next: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, float]] = {}
         for ctx, c in follow.items():
             ids = np.fromiter(c.keys(), dtype=np.int64)
             counts = np.fromiter(c.values(), dtype=np.float64)
             s = counts.sum()
-            self._next[ctx] = (ids, (counts - DISCOUNT) / s, DISCOUNT * len(ids) / s)
-        self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+            self._next[ctx] = (at[ids], (counts - DISCOUNT) / s, DISCOUNT * len(ids) / s)
+        # Text tokens whose class the KB uses, and where their class sits in `seen`.
+        text_at = at[classes.of_token[: classes.eot]]
+        self.text_tokens = torch.from_numpy(np.flatnonzero(text_at >= 0))
+        self.text_at = torch.from_numpy(text_at[text_at >= 0])
+        self._cache: OrderedDict[tuple[int, ...], tuple[torch.Tensor, float]] = OrderedDict()
 
-    def _mix(self, lower: np.ndarray, ctx: tuple[int, ...]) -> np.ndarray:
-        seen = self._next.get(ctx)
-        if seen is None:
-            return lower
-        ids, probs, backoff = seen
-        p = lower * backoff
-        p[ids] += probs
-        return p
+    def lift(self, context: Sequence[int]) -> tuple[torch.Tensor, float]:
+        """(log P(c | context) - log floor for each class c in ``seen``, log floor).
 
-    def log_probs(self, context: Sequence[int]) -> torch.Tensor:
-        """log P(class | the previous order-1 classes) for every class, (n_classes,) float32.
-
-        ``context`` holds the classes so far (BOS-padded or not); only its tail is used.
+        The floor is P(c | context) of every class not in ``seen``. The first item is a (m,)
+        float32 tensor. ``context`` holds the classes so far (BOS-padded or not); only its
+        tail is used.
         """
         key = tuple(context[-(self.order - 1) :])
         key = (BOS,) * (self.order - 1 - len(key)) + key
@@ -116,14 +121,26 @@ class KnowledgeLM:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        p = self._p1
+        p, floor = self._p1, self._floor1
         for k in range(1, self.order):
-            p = self._mix(p, key[-k:])
-        out = torch.from_numpy(np.log(p).astype(np.float32))
+            seen = self._next.get(key[-k:])
+            if seen is not None:
+                pos, probs, backoff = seen
+                p = p * backoff
+                p[pos] += probs
+                floor *= backoff
+        out = (torch.from_numpy(np.log(p / floor).astype(np.float32)), float(np.log(floor)))
         self._cache[key] = out
         if len(self._cache) > CONTEXT_CACHE:
             self._cache.popitem(last=False)
         return out
+
+    def log_probs(self, context: Sequence[int]) -> torch.Tensor:
+        """log P(class | the previous order-1 classes) for every class, (n_classes,) float32."""
+        lift, log_floor = self.lift(context)
+        out = torch.full((self.classes.n_classes,), log_floor, dtype=torch.float64)
+        out[torch.from_numpy(self.seen)] += lift.double()
+        return out.float()
 
     def score(self, text: str) -> float:
         """Mean log-probability per token of a text (for tests and diagnostics)."""
@@ -140,48 +157,55 @@ class KnowledgeBias(LogitFilter):
     them together: whether to stop (eot) or emit a special token stays Whisper's call. KB
     texts are short single questions, so letting the model's end-of-text in cuts spoken
     questions after their first sentence.
+
+    Exact fusion, computed on the KB's own tokens only: adding ``weight * log floor`` to
+    every text token changes nothing once the text mass is restored, so only the tokens
+    whose class the KB uses move (by ``weight * lift``), and the text mass they change is
+    summed over them alone. One log-sum-exp over each row's text tokens is the only pass
+    over the whole vocabulary.
     """
 
     def __init__(self, models: Sequence[KnowledgeLM | None], weight: float, sample_begin: int,
-                 beams: int = 1, top_k: int | None = None) -> None:
-        """``top_k``: fuse only each row's top_k text tokens by Whisper's logit, renormalised
-        among themselves (the rest keep Whisper's logits); None fuses every text token. The
-        vocabulary-wide gather and two log-sum-exps are a batched beam step's largest per-row
-        cost; top_k skips them, at the price of tokens past Whisper's top_k the KB would have
-        lifted."""
+                 beams: int = 1) -> None:
         self.models = list(models)
         self.weight = weight
         self.sample_begin = sample_begin
         self.beams = beams
-        self.top_k = top_k
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        models = [self.models[row // self.beams] for row in range(logits.shape[0])]
-        cls = next((m.classes for m in models if m is not None), None)
-        if cls is None:
-            return
-        made_all = tokens[:, self.sample_begin :].tolist()  # one host copy for every row
-        dists = [
-            torch.zeros(cls.n_classes) if lm is None else lm.log_probs(
-                [int(cls.of_token[t]) for t in made[-(lm.order - 1) :] if t < cls.eot])
-            for lm, made in zip(models, made_all, strict=True)
-        ]
-        text = logits[:, : cls.eot]  # text tokens, eot excluded (a view)
-        if self.top_k is None or self.top_k >= cls.eot:
-            picked, idx = text, None
-            # (R, eot): one column gather over the stacked distributions
-            lp = torch.stack(dists).index_select(1, cls._of_token_t[: cls.eot])
+        groups: dict[int, tuple[KnowledgeLM, list[int], list[torch.Tensor]]] = {}
+        made_all = None
+        for row in range(logits.shape[0]):
+            lm = self.models[row // self.beams]
+            if lm is None:
+                continue
+            if made_all is None:
+                made_all = tokens[:, self.sample_begin :].tolist()  # one host copy
+            cls = lm.classes
+            ctx = [int(cls.of_token[t]) for t in made_all[row][-(lm.order - 1) :] if t < cls.eot]
+            groups.setdefault(id(lm), (lm, [], []))[1].append(row)
+            groups[id(lm)][2].append(lm.lift(ctx)[0])
+        for lm, rows, lifts in groups.values():
+            self._fuse(logits, lm, rows, lifts)
+
+    def _fuse(self, logits: torch.Tensor, lm: KnowledgeLM, rows: list[int],
+              lifts: list[torch.Tensor]) -> None:
+        dev = logits.device
+        cols = lm.text_tokens.to(dev)
+        every = len(rows) == logits.shape[0]
+        r = None if every else torch.tensor(rows, device=dev)
+        text = logits[:, : lm.classes.eot] if every else logits[r, : lm.classes.eot]
+        before = torch.logsumexp(text, 1, keepdim=True)  # (R, 1) Whisper's text mass
+        x = logits.index_select(1, cols) if every else text.index_select(1, cols)  # (R, C)
+        delta = torch.stack(lifts).index_select(1, lm.text_at).to(dev).mul_(self.weight)
+        # Text mass after fusion over before: 1 + sum over the moved tokens of p * (e^d - 1);
+        # each term is above -p, so the sum stays above -1.
+        shift = torch.log1p((x - before).exp_().mul_(torch.expm1(delta)).sum(1, keepdim=True))
+        fused = x.add_(delta).sub_(shift)
+        if every:
+            logits[:, : lm.classes.eot].sub_(shift)
+            logits.index_copy_(1, cols, fused)
         else:
-            picked, idx = text.topk(self.top_k, dim=1, sorted=False)  # (R, K)
-            # (R, K): each row's K from its own distribution
-            lp = torch.stack([d[c] for d, c in zip(dists, cls._of_token_t[idx.cpu()],
-                                                   strict=True)])
-        lp = lp.to(logits.device)
-        lp.mul_(self.weight)
-        # The picked tokens keep their total mass. A row without a model adds zeros, and its
-        # two log-sum-exps are equal, so it comes out bit for bit as it went in.
-        before = torch.logsumexp(picked, 1, keepdim=True)
-        fused = picked.add_(lp) if idx is None else picked + lp  # in place on the full view
-        fused.add_(before - torch.logsumexp(fused, 1, keepdim=True))
-        if idx is not None:
-            text.scatter_(1, idx, fused)
+            text.sub_(shift)
+            text.index_copy_(1, cols, fused)
+            logits[r, : lm.classes.eot] = text

@@ -297,7 +297,6 @@ class Pipeline:
         self.speech = SpeechRecognizer(
             s.speech_model, self.device, cache_dir=s.cache_dir, trim_audio=s.speech_trim,
             beam_size=s.speech_beam_size or None, lm_weight=s.speech_lm_weight,
-            lm_top_k=s.speech_lm_top_k,
             precision=s.precision,
         )
         log.info("speech %s in %.1f s", s.speech_model, time.perf_counter() - t0)

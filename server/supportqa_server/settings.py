@@ -56,10 +56,6 @@ class Settings(BaseSettings):
     # Weight of the knowledge base's own language model in Whisper's decoding (shallow
     # fusion, biasing.py): domain words win close calls. 0.3 was best on BANKING77 dev; 0 off.
     speech_lm_weight: float = Field(0.3, ge=0.0, le=2.0)
-    # Fuse the KB model into each beam's top-k text tokens by Whisper's logit only; 0 fuses
-    # all 50k. 64: a batch of 8 clips decodes in 65 against 74 ms a clip, at -0.006 voice
-    # accuracy@1 on BANKING77 dev (docs/evaluation.md), so exact fusion stays the default.
-    speech_lm_top_k: int = Field(0, ge=0, le=50000)
     clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off
     ocr: bool = True  # read text from images with rapidocr
     preload: bool = True  # load every configured model before reporting SERVING

@@ -153,6 +153,49 @@ def test_beam_search_over_a_batch(tiny, speechbrain):
     assert all(t.text for t in together)
 
 
+def test_beam_search_drops_finished_clips_from_the_batch(tiny, speechbrain, jfk, monkeypatch):
+    """A clip whose beams have finished leaves the batch (fewer rows per decoder step), and
+    every clip is heard as when the batch keeps all rows to the end."""
+    from supportqa_server import transcribe
+    from whisper.decoding import PyTorchInference
+
+    clips = [*speechbrain[0][:3], jfk]  # the 11-s clip decodes for many more steps
+    monkeypatch.setattr(tiny, "_options", dataclasses.replace(tiny._options, beam_size=3))
+    rows: list[int] = []
+    logits = PyTorchInference.logits
+
+    def spy(self, tokens, audio_features):
+        rows.append(tokens.shape[0])
+        return logits(self, tokens, audio_features)
+
+    monkeypatch.setattr(PyTorchInference, "logits", spy)
+    fused: list[tuple[int, int]] = []  # (rows, clips the KB filter maps them to)
+    apply = transcribe.KnowledgeBias.apply
+
+    def spy_bias(self, logits, tokens):
+        fused.append((logits.shape[0], len(self.models) * self.beams))
+        apply(self, logits, tokens)
+
+    monkeypatch.setattr(transcribe.KnowledgeBias, "apply", spy_bias)
+    monkeypatch.setattr(tiny, "lm_weight", 0.3)
+    lms = [tiny.knowledge_lm(speechbrain[1])] * 3 + [None]  # the KB model's rows drop too
+    dropping = tiny.transcribe_batch(clips, lms=lms)
+    assert rows[0] == 12 and rows[-1] == 3  # 4 clips x 3 beams; the long clip ends alone
+    assert rows == sorted(rows, reverse=True)
+    assert [r for r, _ in fused] == rows and all(r == m for r, m in fused)
+    loop = transcribe._FeaturesTask._main_loop
+
+    def keep_all(self, audio_features, tokens):
+        self.drop_finished = False
+        return loop(self, audio_features, tokens)
+
+    monkeypatch.setattr(transcribe._FeaturesTask, "_main_loop", keep_all)
+    rows.clear()
+    kept = tiny.transcribe_batch(clips, lms=lms)
+    assert set(rows) == {12}
+    assert [t.text for t in dropping] == [t.text for t in kept]
+
+
 def test_trim_encodes_only_the_speech_sent(tiny, speechbrain, monkeypatch):
     seen: list[int] = []  # mel frames entering the encoder, call by call
     embed = tiny.model.encoder._embed

@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])
     ap.add_argument("--model", default="", help="text model ('' the bundled MiniLM)")
     ap.add_argument("--c", type=float, default=10.0)
+    ap.add_argument("--no-words", action="store_true", help="vectors only (before session 8)")
     args = ap.parse_args()
     entries, _, _ = load(args.data)
     rows = [(e.id, text) for e in entries for _, text in e.texts()]
@@ -38,7 +39,8 @@ def main() -> int:
     print(f"{args.data}: {vecs.shape[0]} rows x {vecs.shape[1]}, {len(set(labels))} entries")
     for budget in (HeadTrainer.STEP_SECONDS, 1e6):
         HeadTrainer.STEP_SECONDS = budget
-        trainer = HeadTrainer(vecs, labels, c=args.c)
+        trainer = HeadTrainer(vecs, labels, c=args.c,
+                              texts=None if args.no_words else [t for _, t in rows])
         steps = []
         t0 = time.perf_counter()
         while True:

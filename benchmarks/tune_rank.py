@@ -100,7 +100,7 @@ class BM25:
 
 
 def prepare(name: str, model: str, max_rows: int, lexical: bool, head_c: float = 0.0,
-            per_entry: int = 0):
+            per_entry: int = 0, head_words: bool = True):
     """Per query: (label, dense RowHits best first, lexical RowHits best first, entry head
     probabilities or None); with head_c, the head (head.py) is trained on the rows' vectors.
     per_entry > 0 keeps that many paraphrases of each entry (at random; its title and answer
@@ -127,9 +127,10 @@ def prepare(name: str, model: str, max_rows: int, lexical: bool, head_c: float =
         from supportqa_server.head import train_head
 
         t0 = time.perf_counter()
-        head = train_head(rv, [r[0] for r in rows], c=head_c)
+        head = train_head(rv, [r[0] for r in rows], c=head_c,
+                          texts=[t for _, _, t in rows] if head_words else None)
         print(f"head C={head_c} trained in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        heads = head.probabilities(qv)
+        heads = head.probabilities(qv, [q.text for q in queries])
     return [(q.label, dense, lex, h)
             for q, (dense, lex), h in zip(queries, hits, heads, strict=True)], na
 
@@ -248,6 +249,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=300, help="questions timed by --cost")
     p.add_argument("--head", type=float, default=0.0, metavar="C",
                    help="train the entry head with this C (grid options set head_weight)")
+    p.add_argument("--no-head-words", action="store_true",
+                   help="the head reads vectors only (before session 8)")
     p.add_argument("--per-entry", type=int, default=0,
                    help="keep this many paraphrases per entry in the knowledge base")
     args = p.parse_args()
@@ -283,7 +286,7 @@ def main() -> None:
         cost(args.dataset, args.model, args.cost, args.n, grid)
         return
     prepared, na = prepare(args.dataset, args.model, max(rows_list), args.lexical, args.head,
-                           args.per_entry)
+                           args.per_entry, not args.no_head_words)
     for rows in rows_list:
         for name, opts in grid.items():
             res = evaluate(prepared, na, opts, rows, args.threshold)

@@ -58,13 +58,13 @@ def main() -> None:
     if head_weights:
         from supportqa_server.head import train_head
 
-        head = train_head(rv, [e for e, _, _ in rows], c=10.0)
+        head = train_head(rv, [e for e, _, _ in rows], c=10.0, texts=[t for _, _, t in rows])
 
     def accuracy(texts: list[str]) -> str:
         # As the server searches: 200 dense rows, 50 BM25 rows (pipeline.LEXICAL_ROWS).
         qv = enc.encode_sorted(texts)
         hits = route_hits(rows, qv @ rv.T, texts, bm, 200, 50)
-        probs = head.probabilities(qv) if head is not None else [None] * len(texts)
+        probs = head.probabilities(qv, texts) if head is not None else [None] * len(texts)
         out = []
         for w in head_weights or [opts.head_weight]:
             o = dataclasses.replace(opts, head_weight=w)

@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from supportqa_server.head import EntryHead, HeadTrainer, train_head
+from supportqa_server import head as head_module
+from supportqa_server.head import EntryHead, HeadTrainer, WordFeatures, train_head
 from supportqa_server.rank import RankOptions, rank
 from supportqa_server.store import RowHit
 
@@ -87,6 +88,52 @@ def test_a_step_takes_as_many_iterations_as_its_time_allows(monkeypatch):
 def test_unusable_training_sets_are_refused(vectors, labels, c, message):
     with pytest.raises(ValueError, match=message):
         HeadTrainer(vectors, labels, c=c)
+
+
+def test_word_features_are_tf_idf_of_words_and_word_pairs():
+    words = WordFeatures(["Top up my card", "top-up failed", "card lost", "a b"], max_terms=100)
+    # df >= 2 only: "top", "up", "card" and "top up" (4 rows, each term in 2 of them)
+    assert sorted(words.index) == ["card", "top", "top up", "up"]
+    idf = np.log(5 / 3) + 1
+    assert np.allclose(words.idf, idf)
+    rows, cols, vals = words.transform(["top up, top!", "nothing known", "card"])
+    assert rows.tolist() == [0, 0, 0, 2]  # the second text has no known term
+    at = {int(c): float(v) for r, c, v in zip(rows, cols, vals, strict=True) if r == 0}
+    tf = np.array([1 + np.log(2), 1.0, 1.0])  # top x2, up, "top up" ("up top" is unknown)
+    expected = tf / np.linalg.norm(tf)
+    assert [at[words.index[t]] for t in ("top", "up", "top up")] == pytest.approx(expected)
+    assert vals[rows == 2] == pytest.approx([1.0])
+    few = WordFeatures(["ab cd", "ab cd", "cd ef", "cd ef", "ab"], max_terms=2)
+    assert sorted(few.index) == ["ab", "cd"]  # the two most frequent terms (df 3 and 4)
+
+
+def test_words_separate_entries_whose_vectors_do_not():
+    """Two entries with the same vectors ("card arrived" vs "card not arrived" can embed
+    alike): the vector-only head cannot tell them apart, the head with words can."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(1, 8)).astype(np.float32)
+    x = np.repeat(v / np.linalg.norm(v), 12, axis=0)
+    labels = ["arrived"] * 6 + ["missing"] * 6
+    texts = [f"my card arrived {i}" for i in range(6)] + [f"my card is missing {i}"
+                                                          for i in range(6)]
+    q = x[:2]
+    blind = train_head(x, labels).probabilities(q, top=2)
+    assert blind[0]["arrived"] == pytest.approx(0.5, abs=1e-3)
+    head = train_head(x, labels, texts=texts)
+    assert head.words is not None and head.word_weight.shape == (2, len(head.words))
+    seen = head.probabilities(q, ["card arrived today", "card still missing"], top=2)
+    assert seen[0]["arrived"] > 0.7 and seen[1]["missing"] > 0.7
+    with pytest.raises(ValueError, match="text"):
+        head.probabilities(q)
+
+
+def test_many_entries_keep_fewer_words(monkeypatch):
+    monkeypatch.setattr(head_module, "MAX_WORD_WEIGHTS", 6)
+    texts = ["alpha beta", "alpha beta", "gamma delta", "gamma delta"]
+    trainer = HeadTrainer(np.eye(4, dtype=np.float32), ["a", "a", "b", "b"], texts=texts)
+    assert len(trainer.words) == 3  # 6 weights over 2 entries
+    with pytest.raises(ValueError, match="3 texts for 4 labels"):
+        HeadTrainer(np.eye(4, dtype=np.float32), ["a", "a", "b", "b"], texts=texts[:3])
 
 
 def hits(pairs):

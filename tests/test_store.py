@@ -231,9 +231,11 @@ def test_text_vectors_are_the_committed_rows_and_their_entries(store):
     store.upsert("kb", [a1, b], [vectors(a1, 0), vectors(b, 1)])
     a2 = EntryData(id="a", title="alpha two", answer="second")
     store.upsert("kb", [a2], [vectors(a2, 2)])
-    revision, labels, vecs = store.text_vectors("kb", max_rows=100)
+    revision, labels, vecs, texts = store.text_vectors("kb", max_rows=100)
     assert revision == store.revision("kb")
     assert sorted(labels) == ["a", "a", "b", "b"]  # a's three old rows are gone
+    assert sorted(zip(labels, texts, strict=True)) == [
+        ("a", "alpha two"), ("a", "second"), ("b", "beta"), ("b", "other")]
     assert vecs.shape == (4, DIM) and vecs.dtype == np.float32
     for label, v in zip(labels, vecs, strict=True):
         assert np.argmax(v) == (2 if label == "a" else 1)  # each row its own entry's vector

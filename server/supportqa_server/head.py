@@ -8,6 +8,13 @@ over four BANKING77 dev splits, +0.022 on held-out CLINC150 questions (docs/eval
 is SetFit's classifier head, trained on the knowledge base as it is, so it needs no labels
 beyond the entries themselves.
 
+Besides the vector, the head reads the question's words: TF-IDF over the knowledge base's word
+unigrams and bigrams (WordFeatures), the classic intent-classifier features, side by side with
+the vector. The encoder compresses a sentence into 384 numbers; the words keep what it blurs
+("top up" against "top-up failed", a card's brand). On four BANKING77 dev splits this lifted
+accuracy@1 by 0.004-0.010 over the vector-only head, and CLINC150 val by 0.005, NoAnswer
+unchanged (offline, docs/evaluation.md).
+
 Training is full-batch L-BFGS in torch on the vectors already stored: about 5 s for 8,000 rows
 of 384 floats and 77 entries on 2 cores. The pipeline retrains it after writes
 (Pipeline._keep_head) and only uses a head trained on the knowledge base's current revision.
@@ -15,11 +22,62 @@ of 384 floats and 77 entries on 2 cores. The pipeline retrains it after writes
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+_WORD = re.compile(r"\w\w+")  # words of two or more characters, lower-cased first
+MIN_DF = 2  # a term must occur in this many rows: one-off words and typos carry no signal
+# At most entries x words weights for the word features: 10M floats (40 MB). A knowledge base
+# with many entries keeps its most frequent words only.
+MAX_WORD_WEIGHTS = 10_000_000
+
+
+class WordFeatures:
+    """TF-IDF over word unigrams and bigrams, fitted on a knowledge base's row texts.
+
+    Terms that occur in at least MIN_DF rows (the most frequent ``max_terms`` of them);
+    term frequency 1 + ln(count); idf ln((1 + rows) / (1 + df)) + 1; each text's vector
+    l2-normalised, as the row vectors are, so neither part outweighs the other by scale.
+    """
+
+    def __init__(self, texts: Sequence[str], max_terms: int) -> None:
+        df: Counter[str] = Counter()
+        for text in texts:
+            df.update(set(self.terms(text)))
+        kept = [t for t, n in df.most_common(max_terms) if n >= MIN_DF]
+        self.index = {t: i for i, t in enumerate(kept)}
+        n = len(texts)
+        self.idf = np.array([math.log((1 + n) / (1 + df[t])) + 1 for t in kept], np.float32)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @staticmethod
+    def terms(text: str) -> list[str]:
+        words = _WORD.findall(text.lower())
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+
+    def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row of each value, term of each value, values): a texts x terms sparse matrix."""
+        rows, cols, vals = [], [], []
+        for r, text in enumerate(texts):
+            counts = Counter(self.index[t] for t in self.terms(text) if t in self.index)
+            if not counts:
+                continue
+            idx = np.fromiter(counts.keys(), np.int64, len(counts))
+            v = (1 + np.log(np.fromiter(counts.values(), np.float32, len(counts)))) * self.idf[idx]
+            rows.append(np.full(len(idx), r))
+            cols.append(idx)
+            vals.append(v / np.linalg.norm(v))
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -30,18 +88,27 @@ class EntryHead:
     weight: np.ndarray  # (entries, dim) float32
     bias: np.ndarray  # (entries,) float32
     revision: int  # the knowledge base's revision it was trained on (store.revision)
+    words: WordFeatures | None = None
+    word_weight: np.ndarray | None = None  # (entries, len(words)) float32
 
     @property
     def dim(self) -> int:
         return self.weight.shape[1]
 
-    def probabilities(self, vectors: np.ndarray, top: int = 50) -> list[dict[str, float]]:
-        """Per question vector, its ``top`` most probable entries and their probabilities.
+    def probabilities(self, vectors: np.ndarray, texts: Sequence[str] | None = None,
+                      top: int = 50) -> list[dict[str, float]]:
+        """Per question vector (and its text, for a head with word features), its ``top``
+        most probable entries and their probabilities.
 
         The rest of the distribution (below the top ``top``) is dropped: the ranking only
         adds probabilities to entries that retrieval found, and those are the likely ones.
         """
         logits = vectors.astype(np.float32) @ self.weight.T + self.bias
+        if self.words is not None and self.word_weight is not None:
+            if texts is None or len(texts) != len(vectors):
+                raise ValueError("a head with word features needs each question's text")
+            rows, cols, vals = self.words.transform(texts)
+            np.add.at(logits, rows, self.word_weight[:, cols].T * vals[:, None])
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
@@ -64,6 +131,7 @@ class HeadTrainer:
     Args:
         vectors: (rows, dim) unit text vectors of the knowledge base's rows.
         labels: The entry of each row.
+        texts: The rows' texts: with them the head also reads words (WordFeatures).
         c: Inverse regularisation strength; larger fits the rows more closely.
         max_iter: L-BFGS iterations in all (each one pass over the rows).
         revision: Stored with the head (EntryHead.revision).
@@ -78,12 +146,15 @@ class HeadTrainer:
     # 77 entries, ~220 ms at 15,000 x 768 x 150 (2 cores).
     STEP_SECONDS = 0.05
 
-    def __init__(self, vectors: np.ndarray, labels: Sequence[str], *, c: float = 10.0,
-                 max_iter: int = 200, revision: int = 0) -> None:
+    def __init__(self, vectors: np.ndarray, labels: Sequence[str], *,
+                 texts: Sequence[str] | None = None, c: float = 10.0, max_iter: int = 200,
+                 revision: int = 0) -> None:
         import torch
 
         if len(vectors) == 0 or len(vectors) != len(labels):
             raise ValueError(f"{len(vectors)} vectors for {len(labels)} labels")
+        if texts is not None and len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts for {len(labels)} labels")
         if c <= 0:
             raise ValueError(f"head C {c} must be positive")
         self.entry_ids = tuple(sorted(set(labels)))
@@ -93,10 +164,24 @@ class HeadTrainer:
         self._x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
         self._y = torch.tensor([col[label] for label in labels], dtype=torch.long)
         self._c, self._max_iter, self.revision = c, max_iter, revision
-        self._w = torch.zeros(len(self.entry_ids), self._x.shape[1], requires_grad=True)
-        self._b = torch.zeros(len(self.entry_ids), requires_grad=True)
+        n = len(self.entry_ids)
+        self._w = torch.zeros(n, self._x.shape[1], requires_grad=True)
+        self._b = torch.zeros(n, requires_grad=True)
+        params = [self._w, self._b]
+        self.words, self._xw, self._ww = None, None, None
+        if texts is not None:
+            words = WordFeatures(texts, max_terms=max(1, MAX_WORD_WEIGHTS // n))
+            if len(words):
+                rows, cols, vals = words.transform(texts)
+                self.words = words
+                self._xw = torch.sparse_coo_tensor(
+                    torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals),
+                    (len(texts), len(words)), check_invariants=True,
+                ).coalesce()
+                self._ww = torch.zeros(n, len(words), requires_grad=True)
+                params.append(self._ww)
         self._opt = torch.optim.LBFGS(
-            [self._w, self._b], lr=1.0, max_iter=1, history_size=10,
+            params, lr=1.0, max_iter=1, history_size=10,
             tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
         )
         self.iterations = 0
@@ -109,9 +194,13 @@ class HeadTrainer:
 
         self._opt.zero_grad()
         x, w = self._x, self._w
-        loss = torch.nn.functional.cross_entropy(x @ w.T + self._b, self._y, reduction="sum")
+        logits, penalty = x @ w.T + self._b, (w * w).sum()
+        if self._ww is not None:
+            logits = logits + torch.sparse.mm(self._xw, self._ww.T)
+            penalty = penalty + (self._ww * self._ww).sum()
+        loss = torch.nn.functional.cross_entropy(logits, self._y, reduction="sum")
         # Divided by the row count so the loss is O(1) whatever the size (same minimum).
-        loss = (loss + (w * w).sum() / (2 * self._c)) / len(self._y)
+        loss = (loss + penalty / (2 * self._c)) / len(self._y)
         loss.backward()
         return loss
 
@@ -138,14 +227,19 @@ class HeadTrainer:
         self.iterations += ran
         loss = float(state.get("prev_loss", self._last_loss))
         # A step ends early at its evaluation budget as well as at convergence, so converged
-        # means the loss stopped moving, not a short step.
-        self.done = self._last_loss - loss < 1e-9 or self.iterations >= self._max_iter
+        # means the loss stopped moving, not a short step; or no iteration at all (the
+        # gradient already within tolerance, as when no row tells the entries apart).
+        self.done = (not ran or self._last_loss - loss < 1e-9
+                     or self.iterations >= self._max_iter)
         self._last_loss = loss
         return self.done
 
     def head(self) -> EntryHead:
-        return EntryHead(self.entry_ids, self._w.detach().numpy().copy(),
-                         self._b.detach().numpy().copy(), self.revision)
+        return EntryHead(
+            self.entry_ids, self._w.detach().numpy().copy(), self._b.detach().numpy().copy(),
+            self.revision, self.words,
+            None if self._ww is None else self._ww.detach().numpy().copy(),
+        )
 
 
 def train_head(vectors: np.ndarray, labels: Sequence[str], **kwargs) -> EntryHead:

@@ -486,7 +486,8 @@ class Pipeline:
                     log.info("entry head for %r: off (%s)", kb, "fewer than 2 entries" if got
                              else f"more than SUPPORTQA_HEAD_MAX_ROWS={s.head_max_rows} rows")
                 else:
-                    trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0])
+                    trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0],
+                                          texts=got[3] if s.head_words else None)
                     while not await loop.run_in_executor(self._model_exec, trainer.step):
                         pass
             except SupportQAError as e:  # e.g. written with another model: its message says
@@ -686,7 +687,8 @@ class Pipeline:
         t0 = time.perf_counter()
         opts = self._heard_rank_options if q.heard else self.rank_options
         head = self._head(req.knowledge_base) if opts.head_weight > 0 else None
-        probs = head.probabilities(vector[None])[0] if head and head.dim == len(vector) else None
+        probs = (head.probabilities(vector[None], [q.text])[0]
+                 if head and head.dim == len(vector) else None)
         ranked = rank(dense, lexical, opts, extra_routes=q.routes, head=probs)
         timings.rank_us += _us(t0)
         return ranked

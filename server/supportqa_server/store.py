@@ -506,9 +506,12 @@ class KnowledgeStore:
         with state.lock:
             return state.revision, [t for _, e in state.committed.values() for _, t in e.texts()]
 
-    def text_vectors(self, kb: str, max_rows: int) -> tuple[int, list[str], np.ndarray] | None:
-        """(revision, entry id per row, (rows, dim) text vectors) of the committed entries, for
-        the entry head (head.py); None when the knowledge base has more than ``max_rows`` rows.
+    def text_vectors(
+        self, kb: str, max_rows: int
+    ) -> tuple[int, list[str], np.ndarray, list[str]] | None:
+        """(revision, entry id per row, (rows, dim) text vectors, row texts) of the committed
+        entries, for the entry head (head.py); None when the knowledge base has more than
+        ``max_rows`` rows.
 
         Read without the write lock: rows are kept only when their version is committed at
         the end, and a write during the read changes the revision, so the caller sees that
@@ -518,13 +521,15 @@ class KnowledgeStore:
         revision = state.revision
         if state.rows > max_rows:
             return None
-        labels, vecs = [], []
-        for batch in self._scan(_rows_name(kb), ["pk", "entry_id", "vector"]):
+        labels, vecs, texts = [], [], []
+        for batch in self._scan(_rows_name(kb), ["pk", "entry_id", "vector", "text"]):
             live = [r for r in batch if _committed_row(state, r["pk"]) is not None]
             labels += [r["entry_id"] for r in live]
+            texts += [r["text"] for r in live]
             # To float32 a batch at a time: as Python floats, 100k rows of 384 would take 1 GB.
             vecs.append(np.asarray([r["vector"] for r in live], np.float32).reshape(-1, self.dim))
-        return revision, labels, np.concatenate(vecs or [np.zeros((0, self.dim), np.float32)])
+        empty = np.zeros((0, self.dim), np.float32)
+        return revision, labels, np.concatenate(vecs or [empty]), texts
 
     def counts(self, kb: str) -> tuple[int, int, int]:
         """(entries, text rows, image rows) of a knowledge base."""

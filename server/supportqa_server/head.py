@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,6 +120,39 @@ class EntryHead:
         ]
 
 
+class _SparseRows:
+    """A sparse (rows, terms) matrix X for X @ W.T with W's gradient: CSR copies of X and of
+    its transpose, made once, so backward needs no transpose per call (torch's COO product:
+    19 ms forward and backward at 8,155 x 8,913 and 77 entries; this: 5 ms)."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
+                 shape: tuple[int, int]) -> None:
+        import torch
+
+        coo = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals), shape,
+            check_invariants=True,
+        ).coalesce()
+        with warnings.catch_warnings():  # "CSR support is in beta": products are all we use
+            warnings.simplefilter("ignore", UserWarning)
+            x, xt = coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
+
+        class Product(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, w):
+                return x @ w.T  # (rows, entries)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return (xt @ grad).T  # (entries, terms)
+
+        self._product = Product
+
+    def times(self, w):
+        """X @ w.T for w (entries, terms)."""
+        return self._product.apply(w)
+
+
 class HeadTrainer:
     """Fits a head in steps of about STEP_SECONDS, so a caller can interleave other work on
     the same thread (the pipeline's model thread: its encoder batches run between steps
@@ -174,10 +208,7 @@ class HeadTrainer:
             if len(words):
                 rows, cols, vals = words.transform(texts)
                 self.words = words
-                self._xw = torch.sparse_coo_tensor(
-                    torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals),
-                    (len(texts), len(words)), check_invariants=True,
-                ).coalesce()
+                self._xw = _SparseRows(rows, cols, vals, (len(texts), len(words)))
                 self._ww = torch.zeros(n, len(words), requires_grad=True)
                 params.append(self._ww)
         self._opt = torch.optim.LBFGS(
@@ -196,7 +227,7 @@ class HeadTrainer:
         x, w = self._x, self._w
         logits, penalty = x @ w.T + self._b, (w * w).sum()
         if self._ww is not None:
-            logits = logits + torch.sparse.mm(self._xw, self._ww.T)
+            logits = logits + self._xw.times(self._ww)
             penalty = penalty + (self._ww * self._ww).sum()
         loss = torch.nn.functional.cross_entropy(logits, self._y, reduction="sum")
         # Divided by the row count so the loss is O(1) whatever the size (same minimum).

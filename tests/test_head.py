@@ -218,3 +218,49 @@ async def test_a_knowledge_base_of_another_model_gets_no_head_and_no_crash(tmp_p
         assert p.ready
     finally:
         await p.close()
+
+
+@pytest.mark.slow
+async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_path, monkeypatch):
+    """All torch work stays on the model thread: a parallel torch op elsewhere starts a second
+    OpenMP team and slowed every later encode ~2x. The head reads words by default."""
+    import asyncio
+    import threading
+
+    from supportqa_server import pipeline as pipeline_module
+    from supportqa_server.pipeline import Pipeline
+    from supportqa_server.settings import Settings
+    from supportqa_server.store import EntryData
+
+    monkeypatch.setattr(pipeline_module, "HEAD_SETTLE_S", 0.05)
+    threads: list[str] = []
+    init, step = HeadTrainer.__init__, HeadTrainer.step
+
+    def spy_init(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        init(self, *args, **kwargs)
+
+    def spy_step(self):
+        threads.append(threading.current_thread().name)
+        return step(self)
+
+    monkeypatch.setattr(HeadTrainer, "__init__", spy_init)
+    monkeypatch.setattr(HeadTrainer, "step", spy_step)
+    p = Pipeline(Settings(data_dir=tmp_path, speech_model="", ocr=False, clip_model=""))
+    await p.start()
+    try:
+        await p.upsert("kb", [
+            EntryData(id="lost", answer="Freeze it in the app.",
+                      questions=("I lost my card", "my card is lost", "card lost abroad")),
+            EntryData(id="fee", answer="Transfers are free.",
+                      questions=("is there a transfer fee", "what fee for a transfer")),
+        ])
+        for _ in range(200):
+            if p.head_state("kb") == "ready":
+                break
+            await asyncio.sleep(0.05)
+        assert p.head_state("kb") == "ready"
+        assert threads and all(t.startswith("models") for t in threads), threads
+        assert p._heads["kb"].words is not None  # "card", "lost", "fee", "transfer" ...
+    finally:
+        await p.close()

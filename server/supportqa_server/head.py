@@ -120,6 +120,18 @@ class EntryHead:
         ]
 
 
+WordRows = tuple[WordFeatures, np.ndarray, np.ndarray, np.ndarray]
+
+
+def word_rows(texts: Sequence[str], entries: int) -> WordRows | None:
+    """The word features of a head over ``entries`` entries fitted on the row texts, and the
+    rows' TF-IDF as (row, term, value) triples; None when no term occurs twice."""
+    words = WordFeatures(texts, max_terms=max(1, MAX_WORD_WEIGHTS // max(1, entries)))
+    if not len(words):
+        return None
+    return (words, *words.transform(texts))
+
+
 class _SparseRows:
     """A sparse (rows, terms) matrix X for X @ W.T with W's gradient: CSR copies of X and of
     its transpose, made once, so backward needs no transpose per call (torch's COO product:
@@ -166,6 +178,8 @@ class HeadTrainer:
         vectors: (rows, dim) unit text vectors of the knowledge base's rows.
         labels: The entry of each row.
         texts: The rows' texts: with them the head also reads words (WordFeatures).
+        words: word_rows(texts, entries) computed beforehand, instead of ``texts`` (it is
+            plain Python and numpy, so a caller can run it off the model thread).
         c: Inverse regularisation strength; larger fits the rows more closely.
         max_iter: L-BFGS iterations in all (each one pass over the rows).
         revision: Stored with the head (EntryHead.revision).
@@ -181,14 +195,16 @@ class HeadTrainer:
     STEP_SECONDS = 0.05
 
     def __init__(self, vectors: np.ndarray, labels: Sequence[str], *,
-                 texts: Sequence[str] | None = None, c: float = 10.0, max_iter: int = 200,
-                 revision: int = 0) -> None:
+                 texts: Sequence[str] | None = None, words: WordRows | None = None,
+                 c: float = 10.0, max_iter: int = 200, revision: int = 0) -> None:
         import torch
 
         if len(vectors) == 0 or len(vectors) != len(labels):
             raise ValueError(f"{len(vectors)} vectors for {len(labels)} labels")
         if texts is not None and len(texts) != len(labels):
             raise ValueError(f"{len(texts)} texts for {len(labels)} labels")
+        if words is not None and len(words[1]) and int(words[1].max()) >= len(labels):
+            raise ValueError("word rows beyond the rows given")
         if c <= 0:
             raise ValueError(f"head C {c} must be positive")
         self.entry_ids = tuple(sorted(set(labels)))
@@ -203,14 +219,13 @@ class HeadTrainer:
         self._b = torch.zeros(n, requires_grad=True)
         params = [self._w, self._b]
         self.words, self._xw, self._ww = None, None, None
-        if texts is not None:
-            words = WordFeatures(texts, max_terms=max(1, MAX_WORD_WEIGHTS // n))
-            if len(words):
-                rows, cols, vals = words.transform(texts)
-                self.words = words
-                self._xw = _SparseRows(rows, cols, vals, (len(texts), len(words)))
-                self._ww = torch.zeros(n, len(words), requires_grad=True)
-                params.append(self._ww)
+        if words is None and texts is not None:
+            words = word_rows(texts, n)
+        if words is not None:
+            self.words, rows, cols, vals = words
+            self._xw = _SparseRows(rows, cols, vals, (len(labels), len(self.words)))
+            self._ww = torch.zeros(n, len(self.words), requires_grad=True)
+            params.append(self._ww)
         self._opt = torch.optim.LBFGS(
             params, lr=1.0, max_iter=1, history_size=10,
             tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ import numpy as np
 
 from .batching import MicroBatcher
 from .errors import InvalidInput, NotAvailable, NotReady, SupportQAError, TooLarge
-from .head import EntryHead, HeadTrainer
+from .head import EntryHead, HeadTrainer, word_rows
 from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
 from .store import EntryData, KnowledgeStore, RowHit
@@ -486,8 +487,15 @@ class Pipeline:
                     log.info("entry head for %r: off (%s)", kb, "fewer than 2 entries" if got
                              else f"more than SUPPORTQA_HEAD_MAX_ROWS={s.head_max_rows} rows")
                 else:
-                    trainer = HeadTrainer(got[2], got[1], c=s.head_c, revision=got[0],
-                                          texts=got[3] if s.head_words else None)
+                    words = await loop.run_in_executor(
+                        self._store_exec, word_rows, got[3], len(set(got[1]))
+                    ) if s.head_words else None
+                    # The head's tensors are made on the model thread, as all torch work is: a
+                    # parallel torch op on another thread starts a second OpenMP team, and with
+                    # more OpenMP threads than cores libgomp stops spinning between regions, so
+                    # every encode after ran ~2x slower (one sentence: 8 -> 15 ms).
+                    trainer = await loop.run_in_executor(self._model_exec, functools.partial(
+                        HeadTrainer, got[2], got[1], c=s.head_c, revision=got[0], words=words))
                     while not await loop.run_in_executor(self._model_exec, trainer.step):
                         pass
             except SupportQAError as e:  # e.g. written with another model: its message says

@@ -372,9 +372,13 @@ class Pipeline:
                          "%d refused; ran %.1f s, items queued %.1f ms on average", name,
                          st.items, st.batches, st.items / st.batches, max(st.sizes), st.dropped,
                          st.rejected, st.busy_s, 1000 * st.waited_s / st.items)
+        # Store-thread jobs still running (a write, a head's read of the rows) end before the
+        # store closes: a read on a closed store fails, and a write must not be cut short.
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._store_exec.shutdown, wait=True, cancel_futures=True))
         if self.store is not None:
             self.store.close()
-        for ex in (self._model_exec, self._ocr_exec, self._decode_exec, self._store_exec):
+        for ex in (self._model_exec, self._ocr_exec, self._decode_exec):
             ex.shutdown(wait=False)
 
     def _require_ready(self) -> KnowledgeStore:

@@ -55,7 +55,8 @@ class WordFeatures:
         kept = [t for t, n in df.most_common(max_terms) if n >= MIN_DF]
         self.index = {t: i for i, t in enumerate(kept)}
         n = len(texts)
-        self.idf = np.array([math.log((1 + n) / (1 + df[t])) + 1 for t in kept], np.float32)
+        self._idf = [math.log((1 + n) / (1 + df[t])) + 1 for t in kept]  # Python floats: a
+        self.idf = np.array(self._idf, np.float32)  # question's ~20 terms cost less in Python
 
     def __len__(self) -> int:
         return len(self.index)
@@ -67,19 +68,19 @@ class WordFeatures:
 
     def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row of each value, term of each value, values): a texts x terms sparse matrix."""
-        rows, cols, vals = [], [], []
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        index, idf = self.index, self._idf
         for r, text in enumerate(texts):
-            counts = Counter(self.index[t] for t in self.terms(text) if t in self.index)
-            if not counts:
-                continue
-            idx = np.fromiter(counts.keys(), np.int64, len(counts))
-            v = (1 + np.log(np.fromiter(counts.values(), np.float32, len(counts)))) * self.idf[idx]
-            rows.append(np.full(len(idx), r))
-            cols.append(idx)
-            vals.append(v / np.linalg.norm(v))
-        if not rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals).astype(np.float32)
+            counts = Counter(i for t in self.terms(text) if (i := index.get(t)) is not None)
+            v = [(1 + math.log(c)) * idf[i] for i, c in counts.items()]
+            norm = math.sqrt(sum(x * x for x in v))
+            rows += [r] * len(v)
+            cols += counts.keys()
+            vals += [x / norm for x in v]
+        return (np.array(rows, np.int64), np.array(cols, np.int64),
+                np.array(vals, np.float32))
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,10 @@ class EntryHead:
             if texts is None or len(texts) != len(vectors):
                 raise ValueError("a head with word features needs each question's text")
             rows, cols, vals = self.words.transform(texts)
-            np.add.at(logits, rows, self.word_weight[:, cols].T * vals[:, None])
+            if len(texts) == 1:  # a lone question: one product, no scatter
+                logits[0] += self.word_weight[:, cols] @ vals
+            else:
+                np.add.at(logits, rows, self.word_weight[:, cols].T * vals[:, None])
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)

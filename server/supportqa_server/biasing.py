@@ -41,7 +41,6 @@ class TokenClasses:
         cls[self.eot] = self.eos
         self.n_classes = self.eos + 1
         self.of_token = cls  # (eot + 1,) class of each text token and of eot
-        self._of_token_t = torch.from_numpy(cls)
 
     def encode(self, text: str) -> list[int]:
         """Class ids of a text as Whisper would write it: leading space, then the text."""
@@ -173,18 +172,19 @@ class KnowledgeBias(LogitFilter):
         self.beams = beams
 
     def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        if not any(self.models):
+            return
+        made_all = tokens[:, self.sample_begin :].tolist()  # one host copy for every row
         groups: dict[int, tuple[KnowledgeLM, list[int], list[torch.Tensor]]] = {}
-        made_all = None
-        for row in range(logits.shape[0]):
+        for row, made in enumerate(made_all):
             lm = self.models[row // self.beams]
             if lm is None:
                 continue
-            if made_all is None:
-                made_all = tokens[:, self.sample_begin :].tolist()  # one host copy
             cls = lm.classes
-            ctx = [int(cls.of_token[t]) for t in made_all[row][-(lm.order - 1) :] if t < cls.eot]
-            groups.setdefault(id(lm), (lm, [], []))[1].append(row)
-            groups[id(lm)][2].append(lm.lift(ctx)[0])
+            ctx = [int(cls.of_token[t]) for t in made[-(lm.order - 1) :] if t < cls.eot]
+            _, rows, lifts = groups.setdefault(id(lm), (lm, [], []))
+            rows.append(row)
+            lifts.append(lm.lift(ctx)[0])
         for lm, rows, lifts in groups.values():
             self._fuse(logits, lm, rows, lifts)
 

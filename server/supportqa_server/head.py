@@ -55,11 +55,16 @@ class WordFeatures:
         kept = [t for t, n in df.most_common(max_terms) if n >= MIN_DF]
         self.index = {t: i for i, t in enumerate(kept)}
         n = len(texts)
-        self._idf = [math.log((1 + n) / (1 + df[t])) + 1 for t in kept]  # Python floats: a
-        self.idf = np.array(self._idf, np.float32)  # question's ~20 terms cost less in Python
+        # Python floats: a question's ~20 terms cost less in Python than in numpy calls
+        self._idf = [math.log((1 + n) / (1 + df[t])) + 1 for t in kept]
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def idf(self) -> np.ndarray:
+        """Each term's idf, (terms,) float32."""
+        return np.array(self._idf, np.float32)
 
     @staticmethod
     def terms(text: str) -> list[str]:

@@ -237,9 +237,8 @@ class _FeaturesTask(DecodingTask):
     def _keep(self, clips: list[int], rows: list[int]) -> None:
         """Keeps the given live clips (their positions among the live ones) and their rows in
         every per-row and per-clip state of the decoding."""
-        cross = {}
+        cross = _cross_modules(self.model)
         for block in self.model.decoder.blocks:
-            cross[block.cross_attn.key] = cross[block.cross_attn.value] = True
             attention = vars(block.cross_attn).get("qkv_attention")
             if attention is not None:
                 attention.keep(clips)
@@ -382,6 +381,12 @@ def _repeats(tokens: list[int], times: int = LOOP_REPEATS) -> bool:
     return False
 
 
+def _cross_modules(model: Whisper) -> set:
+    """The decoder's cross-attention key and value projections: their kv-cache entries hold
+    audio positions, one row per beam (stock) or per clip (_cross_kv_per_clip)."""
+    return {m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)}
+
+
 def _keep_cross_attention_in_place(task: DecodingTask, model: Whisper) -> None:
     """Beam search: reorder only the self-attention caches when beams are regrouped.
 
@@ -390,7 +395,7 @@ def _keep_cross_attention_in_place(task: DecodingTask, model: Whisper) -> None:
     whisper copies them every step (rows x positions x D per layer).
     """
     inference = task.inference
-    cross = {m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)}
+    cross = _cross_modules(model)
 
     def rearrange_kv_cache(source_indices) -> None:
         if source_indices != list(range(len(source_indices))):

@@ -197,7 +197,9 @@ class _FeaturesTask(DecodingTask):
     def _main_loop(self, audio_features: torch.Tensor, tokens: torch.Tensor):
         """whisper's loop; with ``drop_finished``, a clip leaves the batch when its beam
         search has its candidates, so it stops costing decoder steps while longer clips go on
-        (8 short questions: 14 steps for the batch, 10.5 a clip on average)."""
+        (8 short questions: 14 steps for the batch, 10.5 a clip on average). A copy of
+        whisper's loop, because that one keeps every row to the end: its ``sum_logprobs`` is
+        sized to the first batch, and run() reshapes the tokens it returns by clip."""
         if not self.drop_finished:
             return super()._main_loop(audio_features, tokens)
         n_batch, beams, decoder = tokens.shape[0], self.n_group, self.decoder

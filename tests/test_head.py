@@ -228,7 +228,7 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
     import threading
 
     from supportqa_server import pipeline as pipeline_module
-    from supportqa_server.pipeline import Pipeline
+    from supportqa_server.pipeline import Answer, AskRequest, Pipeline
     from supportqa_server.settings import Settings
     from supportqa_server.store import EntryData
 
@@ -244,8 +244,16 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
         threads.append(threading.current_thread().name)
         return step(self)
 
+    scored: list[tuple[str, list[str]]] = []
+    probabilities = EntryHead.probabilities
+
+    def spy_probabilities(self, vectors, texts=None, top=50):
+        scored.append((threading.current_thread().name, list(texts or ())))
+        return probabilities(self, vectors, texts, top)
+
     monkeypatch.setattr(HeadTrainer, "__init__", spy_init)
     monkeypatch.setattr(HeadTrainer, "step", spy_step)
+    monkeypatch.setattr(EntryHead, "probabilities", spy_probabilities)
     p = Pipeline(Settings(data_dir=tmp_path, speech_model="", ocr=False, clip_model=""))
     await p.start()
     try:
@@ -262,5 +270,16 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
         assert p.head_state("kb") == "ready"
         assert threads and all(t.startswith("models") for t in threads), threads
         assert p._heads["kb"].words is not None  # "card", "lost", "fee", "transfer" ...
+        # Questions are scored in their encoder batch's job, on the model thread too: numpy
+        # there, and no Python of theirs holding the GIL on the event loop.
+        async def events(q: str) -> list:
+            return [e async for e in p.ask(AskRequest(text=q, knowledge_base="kb"))]
+
+        answers = await asyncio.gather(events("my card got lost"), events("transfer fee?"))
+        assert scored and all(t.startswith("models") for t, _ in scored), scored
+        assert sorted(q for _, texts in scored for q in texts) == ["my card got lost",
+                                                                   "transfer fee?"]
+        firsts = [next(e for e in events if isinstance(e, Answer)).entry.id for events in answers]
+        assert firsts == ["lost", "fee"]
     finally:
         await p.close()

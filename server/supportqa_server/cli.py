@@ -35,10 +35,16 @@ def _serve(args: argparse.Namespace) -> int:
 # sentence's encode alone: the same within noise; docs/bench_text.md). libgomp reads it when
 # torch loads, hence here, before anything imports torch.
 OMP_SPIN_COUNT = "20000"
+# numpy's OpenBLAS runs a product of a few rows (the entry head's 16 questions x 384 x 77) on a
+# pool of its own threads. Beside torch's OpenMP team on 2 cores that made every encode slower:
+# 174 against 244 QPS at concurrency 32 (docs/bench_summary.md). torch does the heavy math;
+# OpenBLAS reads this when numpy loads, hence here too.
+NUMPY_BLAS_THREADS = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", NUMPY_BLAS_THREADS)
     parser = argparse.ArgumentParser(prog="supportqa-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -139,6 +139,7 @@ class _SearchItem:
     lexical_limit: int  # BM25 rows; 0: no BM25
     locale: str
     tags: tuple[str, ...]
+    head: EntryHead | None = None  # scored in the batch's job when the vector fits it
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class _Found:
     dense: list[RowHit]
     lexical: list[RowHit]
     search_us: int  # of the batch's job, for StageTimings
+    head: dict[str, float] | None = None  # the entry head's probabilities, when asked
 
 
 @dataclass(frozen=True)
@@ -546,9 +548,24 @@ class Pipeline:
                 found = [e] * len(idx)
             for i, r in zip(idx, found, strict=True):
                 out[i] = r
-        search_us = _us(t0)
-        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us)
-                for v, r in zip(vectors, out, strict=True)]
+        # The head scores here, a batch in one product per head, rather than each question
+        # on the event loop: there its Python (the question's words) held the GIL that this
+        # thread needs between the encoder's ops, and cost 6% of QPS at concurrency 32
+        # (docs/bench_summary.md).
+        probs: list[dict[str, float] | None] = [None] * len(items)
+        by_head: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            if it.head is not None and it.head.dim == len(vectors[i]):
+                by_head.setdefault(id(it.head), []).append(i)
+        for idx in by_head.values():
+            head = items[idx[0]].head
+            for i, p in zip(idx, head.probabilities(
+                    np.stack([vectors[i] for i in idx]), [items[i].text for i in idx]),
+                    strict=True):
+                probs[i] = p
+        search_us = _us(t0)  # the search and the head's scoring
+        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us, h)
+                for v, r, h in zip(vectors, out, probs, strict=True)]
 
     async def _submit(self, name: str, item, timeout: float | None):
         result = await self._batchers[name].submit(item, timeout=timeout)
@@ -689,19 +706,16 @@ class Pipeline:
     async def _ranked(self, req: AskRequest, q: _Query, timings: Timings) -> list[RankedEntry]:
         limit = max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER)
         lexical_limit = min(limit, LEXICAL_ROWS) if self.rank_options.lexical_weight > 0 else 0
+        opts = self._heard_rank_options if q.heard else self.rank_options
+        head = self._head(req.knowledge_base) if opts.head_weight > 0 else None
         t0 = time.perf_counter()
         found = await self._submit("text encoder", _SearchItem(
-            req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags
+            req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags, head
         ), req.timeout)
         timings.embed_us += _us(t0) - found.search_us
         timings.search_us += found.search_us
-        vector, dense, lexical = found.vector, found.dense, found.lexical
         t0 = time.perf_counter()
-        opts = self._heard_rank_options if q.heard else self.rank_options
-        head = self._head(req.knowledge_base) if opts.head_weight > 0 else None
-        probs = (head.probabilities(vector[None], [q.text])[0]
-                 if head and head.dim == len(vector) else None)
-        ranked = rank(dense, lexical, opts, extra_routes=q.routes, head=probs)
+        ranked = rank(found.dense, found.lexical, opts, extra_routes=q.routes, head=found.head)
         timings.rank_us += _us(t0)
         return ranked
 

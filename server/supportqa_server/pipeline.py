@@ -743,24 +743,31 @@ class Pipeline:
     ) -> list[Answer | NoAnswer]:
         assert self.store is not None
         out: list[Answer | NoAnswer] = []
+        best: RankedEntry | None = None  # the best guess: the first entry still stored
         for r in ranked:
             if len(out) >= req.top_k:
                 break
-            if r.score < threshold:
-                continue
+            if out and r.score < threshold:
+                continue  # later answers must be confident too
             entry = self.store.entry(req.knowledge_base, r.entry_id)
             if entry is None:  # deleted since the search
                 continue
+            if not out and r.score < threshold:
+                # The best guess is not confident: say so, rather than answer with an entry
+                # ranked below it. On CLINC150 val at 0.44 that answered 6 more out-of-scope
+                # questions, and in-scope ones wrongly instead of not at all
+                # (docs/evaluation.md).
+                best = r
+                break
             out.append(
                 Answer(len(out) + 1, entry, r.score, tuple(sorted(r.routes)), r.matched_text)
             )
         if not out:
-            best = max((r.score for r in ranked), default=0.0)
             reason = (
-                f"no confident answer: the best match scores {best:.2f}, below the threshold "
-                f"{threshold:.2f}" if ranked else "no confident answer: nothing matched"
+                f"no confident answer: the best match scores {best.score:.2f}, below the "
+                f"threshold {threshold:.2f}" if best else "no confident answer: nothing matched"
             )
-            out.append(NoAnswer(reason, best, threshold))
+            out.append(NoAnswer(reason, best.score if best else 0.0, threshold))
         return out
 
     # Streaming speech

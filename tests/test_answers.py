@@ -1,0 +1,47 @@
+"""The answers a ranking becomes: the threshold judges the best guess, not a lesser one."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from supportqa_server.pipeline import Answer, AskRequest, NoAnswer, Pipeline
+from supportqa_server.rank import RankedEntry
+from supportqa_server.settings import Settings
+from supportqa_server.store import EntryData
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    p = Pipeline(Settings(data_dir=tmp_path, speech_model="", ocr=False, clip_model=""))
+    stored = {i: EntryData(id=i, answer=f"answer {i}") for i in ("a", "b", "c", "d")}
+    p.store = SimpleNamespace(entry=lambda kb, entry_id: stored.get(entry_id))
+    return p
+
+
+def ranked(*pairs: tuple[str, float]) -> list[RankedEntry]:
+    return [RankedEntry(e, s, fused=-i) for i, (e, s) in enumerate(pairs)]
+
+
+def test_an_unconfident_best_guess_is_no_answer_even_when_a_lesser_entry_passes(pipeline):
+    out = pipeline._answers(AskRequest(text="q"), ranked(("a", 0.40), ("b", 0.60)), 0.44)
+    assert len(out) == 1 and isinstance(out[0], NoAnswer)
+    assert out[0].best_score == pytest.approx(0.40)
+    assert "0.40, below the threshold 0.44" in out[0].reason
+
+
+def test_later_answers_must_pass_the_threshold_too(pipeline):
+    out = pipeline._answers(
+        AskRequest(text="q", top_k=3), ranked(("a", 0.70), ("b", 0.30), ("c", 0.50)), 0.44
+    )
+    assert [(a.rank, a.entry.id) for a in out] == [(1, "a"), (2, "c")]
+    assert all(isinstance(a, Answer) for a in out)
+
+
+def test_a_deleted_entry_gives_way_to_the_next_best_guess(pipeline):
+    out = pipeline._answers(AskRequest(text="q"), ranked(("gone", 0.90), ("b", 0.40)), 0.44)
+    assert isinstance(out[0], NoAnswer) and out[0].best_score == pytest.approx(0.40)
+    out = pipeline._answers(AskRequest(text="q"), ranked(("gone", 0.90), ("b", 0.50)), 0.44)
+    assert [a.entry.id for a in out] == ["b"]
+    out = pipeline._answers(AskRequest(text="q"), ranked(("gone", 0.90)), 0.44)
+    assert isinstance(out[0], NoAnswer) and out[0].reason.endswith("nothing matched")

@@ -127,6 +127,22 @@ def test_words_separate_entries_whose_vectors_do_not():
         head.probabilities(q)
 
 
+def test_a_batch_of_questions_scores_as_each_question_alone():
+    """The batched word product (one sum per question's run of terms) matches the lone one,
+    for questions with no known word among them."""
+    rng = np.random.default_rng(1)
+    texts = [f"{a} {b} card" for a in ("lost", "stolen", "blocked") for b in ("my", "a")] * 2
+    labels = [t.split()[0] for t in texts]
+    head = train_head(rng.normal(size=(len(texts), 8)).astype(np.float32), labels, texts=texts)
+    questions = ["my lost card", "zzz unknown", "blocked card card", "qqq", "a stolen card"]
+    q = rng.normal(size=(len(questions), 8)).astype(np.float32)
+    batch = head.probabilities(q, questions, top=3)
+    for i, text in enumerate(questions):
+        (alone,) = head.probabilities(q[i : i + 1], [text], top=3)
+        assert batch[i].keys() == alone.keys()
+        assert list(batch[i].values()) == pytest.approx(list(alone.values()), abs=1e-6)
+
+
 def test_many_entries_keep_fewer_words(monkeypatch):
     monkeypatch.setattr(head_module, "MAX_WORD_WEIGHTS", 6)
     texts = ["alpha beta", "alpha beta", "gamma delta", "gamma delta"]
@@ -279,7 +295,7 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
         assert scored and all(t.startswith("models") for t, _ in scored), scored
         assert sorted(q for _, texts in scored for q in texts) == ["my card got lost",
                                                                    "transfer fee?"]
-        firsts = [next(e for e in events if isinstance(e, Answer)).entry.id for events in answers]
+        firsts = [next(e for e in got if isinstance(e, Answer)).entry.id for got in answers]
         assert firsts == ["lost", "fee"]
     finally:
         await p.close()

@@ -118,16 +118,21 @@ class EntryHead:
             rows, cols, vals = self.words.transform(texts)
             if len(texts) == 1:  # a lone question: one product, no scatter
                 logits[0] += self.word_weight[:, cols] @ vals
-            else:
-                np.add.at(logits, rows, self.word_weight[:, cols].T * vals[:, None])
+            elif len(rows):
+                # transform lists each text's terms together, texts in order: one sum per
+                # text's run of columns (np.add.at took 167 of 693 us for 16 questions)
+                present, starts = np.unique(rows, return_index=True)
+                logits[present] += np.add.reduceat(
+                    self.word_weight[:, cols] * vals, starts, axis=1).T
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
         k = min(top, p.shape[1])
         idx = np.argpartition(-p, k - 1, axis=1)[:, :k]
-        return [
-            {self.entry_ids[j]: float(p[i, j]) for j in idx[i]} for i in range(p.shape[0])
-        ]
+        ids = self.entry_ids
+        return [dict(zip([ids[j] for j in row], ps, strict=True))
+                for row, ps in zip(idx.tolist(), np.take_along_axis(p, idx, 1).tolist(),
+                                   strict=True)]
 
 
 WordRows = tuple[WordFeatures, np.ndarray, np.ndarray, np.ndarray]

@@ -149,6 +149,7 @@ class _Found:
     lexical: list[RowHit]
     search_us: int  # of the batch's job, for StageTimings
     head: dict[str, float] | None = None  # the entry head's probabilities, when asked
+    head_us: int = 0  # the batch's head scoring: ranking work, for StageTimings.rank_us
 
 
 @dataclass(frozen=True)
@@ -527,8 +528,9 @@ class Pipeline:
         return list(self.image_encoder.embed_images(images))
 
     def _question_batch(self, items: list[_SearchItem]) -> list:
-        """Embeds a batch, then searches it: per item a _Found, or the exception of its
-        search group (knowledge base, limits, filters: one Milvus call per route each)."""
+        """Embeds a batch, searches it, and scores it with the items' entry heads: per item a
+        _Found, or the exception of its search group (knowledge base, limits, filters: one
+        Milvus call per route each)."""
         assert self.store is not None
         vectors = self._encode_batch([it.text for it in items])
         t0 = time.perf_counter()
@@ -548,10 +550,13 @@ class Pipeline:
                 found = [e] * len(idx)
             for i, r in zip(idx, found, strict=True):
                 out[i] = r
+        search_us = _us(t0)
         # The head scores here, a batch in one product per head, rather than each question
-        # on the event loop: there its Python (the question's words) held the GIL that this
-        # thread needs between the encoder's ops, and cost 6% of QPS at concurrency 32
-        # (docs/bench_summary.md).
+        # on the event loop: there its Python (the question's words) cost 6-12% of QPS at
+        # concurrency 32, likely by holding the GIL this thread needs between the encoder's
+        # ops (docs/bench_summary.md). The product is numpy's: on one thread, as the CLI
+        # sets OpenBLAS (cli.NUMPY_BLAS_THREADS).
+        t0 = time.perf_counter()
         probs: list[dict[str, float] | None] = [None] * len(items)
         by_head: dict[int, list[int]] = {}
         for i, it in enumerate(items):
@@ -563,8 +568,8 @@ class Pipeline:
                     np.stack([vectors[i] for i in idx]), [items[i].text for i in idx]),
                     strict=True):
                 probs[i] = p
-        search_us = _us(t0)  # the search and the head's scoring
-        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us, h)
+        head_us = _us(t0)
+        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us, h, head_us)
                 for v, r, h in zip(vectors, out, probs, strict=True)]
 
     async def _submit(self, name: str, item, timeout: float | None):
@@ -712,11 +717,11 @@ class Pipeline:
         found = await self._submit("text encoder", _SearchItem(
             req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags, head
         ), req.timeout)
-        timings.embed_us += _us(t0) - found.search_us
+        timings.embed_us += _us(t0) - found.search_us - found.head_us
         timings.search_us += found.search_us
         t0 = time.perf_counter()
         ranked = rank(found.dense, found.lexical, opts, extra_routes=q.routes, head=found.head)
-        timings.rank_us += _us(t0)
+        timings.rank_us += _us(t0) + found.head_us
         return ranked
 
     async def _ranked_see(

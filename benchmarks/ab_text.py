@@ -59,7 +59,7 @@ def main() -> int:
             for r in range(args.rounds):
                 for batching, extra in (("on", {}), ("off", {"SUPPORTQA_MAX_BATCH": "1"})):
                     for side, env in sides.items():
-                        srv = Server(data, args.port, **env, **extra)
+                        srv = Server(data, args.port, **{**env, **extra})
                         asyncio.run(load(srv.target, kb, queries, args.concurrency, 3))
                         out = asyncio.run(load(srv.target, kb, queries, args.concurrency,
                                                args.duration))

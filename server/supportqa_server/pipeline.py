@@ -551,26 +551,34 @@ class Pipeline:
             for i, r in zip(idx, found, strict=True):
                 out[i] = r
         search_us = _us(t0)
-        # The head scores here, a batch in one product per head, rather than each question
-        # on the event loop: there its Python (the question's words) cost 6-12% of QPS at
-        # concurrency 32, likely by holding the GIL this thread needs between the encoder's
-        # ops (docs/bench_summary.md). The product is numpy's: on one thread, as the CLI
-        # sets OpenBLAS (cli.NUMPY_BLAS_THREADS).
         t0 = time.perf_counter()
+        probs = self._head_batch(items, vectors)
+        head_us = _us(t0)
+        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us, h, head_us)
+                for v, r, h in zip(vectors, out, probs, strict=True)]
+
+    @staticmethod
+    def _head_batch(items: list[_SearchItem], vectors: list[np.ndarray]) -> list:
+        """Per item, its entry head's probabilities (None without a head that fits): one
+        product per head for the batch.
+
+        Run in the encoder batch's job on the model thread, not per question on the event
+        loop: there its Python (the question's words) cost 6-12% of QPS at concurrency 32,
+        likely by holding the GIL the model thread needs between the encoder's ops
+        (docs/bench_summary.md). The product is numpy's: on one thread, as the CLI sets
+        OpenBLAS (cli.NUMPY_BLAS_THREADS).
+        """
         probs: list[dict[str, float] | None] = [None] * len(items)
-        by_head: dict[int, list[int]] = {}
+        by_head: dict[int, list[int]] = {}  # id(): EntryHead holds arrays, so is not hashable
         for i, it in enumerate(items):
             if it.head is not None and it.head.dim == len(vectors[i]):
                 by_head.setdefault(id(it.head), []).append(i)
         for idx in by_head.values():
-            head = items[idx[0]].head
-            for i, p in zip(idx, head.probabilities(
-                    np.stack([vectors[i] for i in idx]), [items[i].text for i in idx]),
-                    strict=True):
+            found = items[idx[0]].head.probabilities(
+                np.stack([vectors[i] for i in idx]), [items[i].text for i in idx])
+            for i, p in zip(idx, found, strict=True):
                 probs[i] = p
-        head_us = _us(t0)
-        return [r if isinstance(r, Exception) else _Found(v, r[0], r[1], search_us, h, head_us)
-                for v, r, h in zip(vectors, out, probs, strict=True)]
+        return probs
 
     async def _submit(self, name: str, item, timeout: float | None):
         result = await self._batchers[name].submit(item, timeout=timeout)

@@ -115,3 +115,13 @@ async def test_retries_only_unavailable():
             await c.stats()
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
         assert e.value.retriable
+
+
+def test_status_messages_are_capped_below_grpcs_metadata_limit():
+    from supportqa_server.errors import InvalidInput
+    from supportqa_server.servicers import MAX_DETAILS, status_of
+
+    code, msg = status_of(InvalidInput("x" * 20_000))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(msg) <= MAX_DETAILS + 3 and msg.endswith("...")
+    assert status_of(InvalidInput("short"))[1] == "short"

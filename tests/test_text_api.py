@@ -220,6 +220,50 @@ async def test_bad_upsert_keeps_earlier_entries_and_names_the_bad_one(client):
     assert "no id" in e.value.details
 
 
+async def test_tag_filters_up_to_the_limit_search_and_more_are_refused(client):
+    from supportqa_server.store import MAX_FILTER_TAGS
+
+    # The limit must sit under what Milvus Lite accepts: a filter with MAX_FILTER_TAGS tags
+    # searches for real (an over-deep filter fails inside Milvus as INTERNAL).
+    tags = [f"topic{i}" for i in range(MAX_FILTER_TAGS)]
+    r = await client.ask("my card was stolen", tags=tags)
+    assert r.HasField("no_answer")  # no sample entry carries these tags
+    with pytest.raises(SupportQAError) as e:
+        await client.ask("my card was stolen", tags=tags + ["one-more"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{MAX_FILTER_TAGS + 1} tags; the limit is {MAX_FILTER_TAGS}" in e.value.details
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        (dict(id="x" * 10_000), "ids have at most 256 bytes"),
+        (dict(id="é" * 200), "its id is 400 bytes"),  # 200 characters, but Milvus counts bytes
+        (dict(locale="en-GB-" + "x" * 40), "locale"),
+        (dict(tags=[f"tag{i}" for i in range(1000)]), "tags (1000) take"),
+        (dict(questions=["word " * 2000]), "text of 9999 bytes"),  # stripped
+    ],
+)
+async def test_entries_that_do_not_fit_the_fields_are_refused_before_writing(
+    client, fields, words
+):
+    """Milvus Lite would store these, a Milvus cluster would fail them at insert: both get the
+    same INVALID_ARGUMENT, with a message short enough for gRPC's metadata."""
+    kb = "unfit"
+    entry = dict(knowledge_base=kb, id="unfit-entry", answer="An answer.", questions=["q"])
+    ok = pb.Entry(knowledge_base=kb, id="fits", answer="Fine.", questions=["a question"])
+    with pytest.raises(SupportQAError) as e:
+        await client.upsert([ok, pb.Entry(**(entry | fields))])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in e.value.details and "entry #1" in e.value.details
+    assert len(e.value.details) < 500
+    assert e.value.summary.written == 1 and e.value.summary.failures[0].index == 1
+    assert len(e.value.summary.failures[0].entry_id) <= 256
+    with pytest.raises(SupportQAError) as e:
+        await client.get(fields.get("id", "unfit-entry")[:256], knowledge_base=kb)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
 async def test_voice_and_image_unimplemented_on_text_server(client):
     for kwargs in (dict(audio=b"RIFF....", audio_format="wav"), dict(image=b"\x89PNG")):
         with pytest.raises(SupportQAError) as e:

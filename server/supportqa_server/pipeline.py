@@ -19,7 +19,7 @@ from .errors import InvalidInput, NotAvailable, NotReady, SupportQAError, TooLar
 from .head import EntryHead, HeadTrainer, word_rows
 from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
-from .store import EntryData, KnowledgeStore, RowHit
+from .store import MAX_FILTER_TAGS, EntryData, KnowledgeStore, RowHit, short_id, unfit
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most t
 # rather than after each one.
 HEAD_SETTLE_S = 1.0
 MAX_QUESTIONS = 200  # paraphrases per entry
-MAX_ID_CHARS = 256
 _KB_RE = re.compile(KB_NAME_PATTERN)
 
 
@@ -607,6 +606,11 @@ class Pipeline:
             raise InvalidInput(f"top_k is {req.top_k}; it must be between 1 and {MAX_TOP_K}")
         if req.min_score is not None and not 0.0 <= req.min_score <= 1.0:
             raise InvalidInput(f"min_score is {req.min_score}; it must be within [0, 1]")
+        if len(req.tags) > MAX_FILTER_TAGS:
+            raise InvalidInput(
+                f"the question filters on {len(req.tags)} tags; the limit is {MAX_FILTER_TAGS}: "
+                "filter on fewer tags"
+            )
         if (req.audio is not None or audio_expected) and self.speech is None:
             raise NotAvailable(
                 "voice questions are off on this server: it runs with no speech model "
@@ -867,7 +871,7 @@ class Pipeline:
 
     def validate_entry(self, index: int, e: EntryData, knowledge_base: str) -> None:
         """Raises InvalidInput naming the entry when it cannot be written."""
-        where = f"entry #{index}" + (f" (id {e.id!r})" if e.id else "")
+        where = f"entry #{index}" + (f" (id {short_id(e.id)})" if e.id else "")
         if not _KB_RE.match(knowledge_base):
             raise InvalidInput(
                 f"{where}: knowledge base name {knowledge_base!r} is invalid: use 1-64 of "
@@ -875,14 +879,14 @@ class Pipeline:
             )
         if not e.id.strip():
             raise InvalidInput(f"{where} has no id: give every entry a stable unique id")
-        if len(e.id) > MAX_ID_CHARS or "\x1f" in e.id:
-            raise InvalidInput(f"{where}: ids have at most {MAX_ID_CHARS} printable characters")
         if not e.answer.strip():
             raise InvalidInput(f"{where} has no answer: every entry needs the answer text")
         if len(e.questions) > MAX_QUESTIONS:
             raise InvalidInput(
                 f"{where} has {len(e.questions)} paraphrases; the limit is {MAX_QUESTIONS}"
             )
+        if (why := unfit(e)) is not None:
+            raise InvalidInput(f"{where}: {why}")
 
     async def upsert(
         self,

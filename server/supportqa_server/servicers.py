@@ -24,12 +24,15 @@ from .errors import (
     WrongModel,
 )
 from .pipeline import ImageInput, Pipeline
-from .store import EntryData
+from .store import MAX_ID_BYTES, EntryData
 
 log = logging.getLogger(__name__)
 
 UPSERT_SUMMARY_KEY = "supportqa-upsert-summary-bin"
 UPSERT_BATCH = 64  # entries embedded and written together
+# Characters of a status message: gRPC fails a call whose metadata (the message and the
+# Upsert summary travel there) passes 16 KiB, and the client then sees RESOURCE_EXHAUSTED.
+MAX_DETAILS = 2000
 
 STATUS_OF: dict[type[SupportQAError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -48,7 +51,8 @@ def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and message a client gets for an exception."""
     for cls in type(e).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls], str(e)
+            msg = str(e)
+            return STATUS_OF[cls], msg if len(msg) <= MAX_DETAILS else msg[:MAX_DETAILS] + "..."
     log.exception("internal error", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); see the server log"
 
@@ -154,7 +158,8 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
                 except Exception as e2:  # noqa: BLE001
                     code, msg = status_of(e2)
                 summary.failures.append(
-                    pb.EntryFailure(index=index, entry_id=current_id, code=code.name, message=msg)
+                    pb.EntryFailure(index=index, entry_id=current_id[:MAX_ID_BYTES],
+                                    code=code.name, message=msg)
                 )
             await context.abort(
                 code, msg, trailing_metadata=((UPSERT_SUMMARY_KEY, summary.SerializeToString()),)

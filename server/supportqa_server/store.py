@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 INSERT_BATCH = 1000  # rows per insert: Milvus Lite 2.5 slows sharply on larger batches
 MAX_TEXT_BYTES = 8192  # VARCHAR capacity of one searchable text, in bytes
 MAX_DOC_BYTES = 65535  # VARCHAR capacity of one entry's JSON
+MAX_ID_BYTES = 256  # VARCHAR capacity of an entry id
+MAX_LOCALE_BYTES = 32
+MAX_TAGS_BYTES = 2048  # an entry's tags as stored: "|a|b|"
+# Tags one question may filter on. Each is one `like` in the filter, and Milvus Lite 2.5 fails
+# a search whose filter ORs more than 50 of them ("unsupported expr proto node").
+MAX_FILTER_TAGS = 32
 MAX_SEARCH_LIMIT = 16384  # Milvus's largest top-k
 SEARCH_TIMEOUT_S = 60.0  # one search call; Lite answers in milliseconds, a busy cluster in <1 s
 
@@ -186,6 +192,35 @@ def _tags_field(tags: Iterable[str]) -> str:
     return "|" + "|".join(t.replace("|", "/") for t in tags) + "|" if tags else ""
 
 
+def short_id(entry_id: str) -> str:
+    """An id as error messages quote it: at most 60 characters, so a message about a huge id
+    stays far below gRPC's 16 KiB metadata limit."""
+    return repr(entry_id if len(entry_id) <= 60 else entry_id[:60] + "...")
+
+
+def unfit(e: EntryData) -> str | None:
+    """Why the entry does not fit the collections' fields, or None. Milvus standalone rejects
+    an over-long VARCHAR at insert, while Milvus Lite stores it: checked here for both.
+    Lengths are UTF-8 bytes."""
+    if len(e.id.encode()) > MAX_ID_BYTES or "\x1f" in e.id:
+        return (f"its id is {len(e.id.encode())} bytes; ids have at most {MAX_ID_BYTES} bytes "
+                "(UTF-8) and no \\x1f character")
+    if len(e.locale.encode()) > MAX_LOCALE_BYTES:
+        return (f"locale {e.locale[:40]!r} is {len(e.locale.encode())} bytes; the limit is "
+                f"{MAX_LOCALE_BYTES}: use a language tag such as en-GB")
+    if len(tags := _tags_field(e.tags).encode()) > MAX_TAGS_BYTES:
+        return (f"its tags ({len(e.tags)}) take {len(tags)} bytes as stored; the limit is "
+                f"{MAX_TAGS_BYTES}: use fewer or shorter tags")
+    for _, t in e.texts():
+        if len(t.encode()) > MAX_TEXT_BYTES:
+            return (f"it has a text of {len(t.encode())} bytes; each title, paraphrase and "
+                    f"answer may have at most {MAX_TEXT_BYTES}")
+    if (n := len(e.to_json().encode())) > MAX_DOC_BYTES:
+        return (f"it is {n} bytes as stored; the limit is {MAX_DOC_BYTES}: shorten its "
+                "answer or paraphrases")
+    return None
+
+
 class KnowledgeStore:
     """Milvus-backed knowledge bases. Thread-safe; writes to one knowledge base are serialised.
 
@@ -291,7 +326,7 @@ class KnowledgeStore:
         c = self.client
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
-        schema.add_field("entry_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("entry_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
         schema.add_field("version", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.image_dim)
         index = c.prepare_index_params()
@@ -306,12 +341,12 @@ class KnowledgeStore:
         c = self.client
         rows = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         rows.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
-        rows.add_field("entry_id", DataType.VARCHAR, max_length=256)
+        rows.add_field("entry_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
         rows.add_field("version", DataType.INT64)
         rows.add_field("kind", DataType.VARCHAR, max_length=16)
         rows.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True)
-        rows.add_field("tags", DataType.VARCHAR, max_length=2048)  # "|a|b|", matched with like
-        rows.add_field("locale", DataType.VARCHAR, max_length=32)
+        rows.add_field("tags", DataType.VARCHAR, max_length=MAX_TAGS_BYTES)  # matched with like
+        rows.add_field("locale", DataType.VARCHAR, max_length=MAX_LOCALE_BYTES)
         rows.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         index = c.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="IP")  # unit vectors: cosine
@@ -328,7 +363,7 @@ class KnowledgeStore:
             _rows_name(kb), schema=rows, index_params=index, consistency_level="Strong"
         )
         entries = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        entries.add_field("entry_id", DataType.VARCHAR, is_primary=True, max_length=256)
+        entries.add_field("entry_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         entries.add_field("version", DataType.INT64)
         entries.add_field("doc", DataType.VARCHAR, max_length=MAX_DOC_BYTES)
         entries.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector
@@ -404,18 +439,8 @@ class KnowledgeStore:
             (entries that replaced an existing version, rows written).
         """
         for e in entries:
-            doc = e.to_json()
-            if len(doc.encode()) > MAX_DOC_BYTES:
-                raise InvalidInput(
-                    f"entry {e.id!r} is {len(doc.encode())} bytes as stored; the limit is "
-                    f"{MAX_DOC_BYTES}: shorten its answer or paraphrases"
-                )
-            for _, t in e.texts():
-                if len(t.encode()) > MAX_TEXT_BYTES:
-                    raise InvalidInput(
-                        f"entry {e.id!r} has a text of {len(t.encode())} bytes; each title, "
-                        f"paraphrase and answer may have at most {MAX_TEXT_BYTES}"
-                    )
+            if (why := unfit(e)) is not None:
+                raise InvalidInput(f"entry {short_id(e.id)}: {why}")
         state = self._kb(kb, create=True, vectors="text")
         if self.image_dim and see_vectors is not None:
             self._check_width(state, "image")

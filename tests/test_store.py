@@ -98,6 +98,20 @@ def test_filters_by_tag_and_locale(store):
     assert set(ids(dense)) == {"loan", "any"}
 
 
+def test_tag_filters_match_tags_exactly_even_with_like_wildcards(store):
+    """Milvus's like cannot escape % and _: a filter on "card_a" must still not match "cardXa"
+    nor "%" match every tag; a tag holding "|" (stored as "/") must still match itself."""
+    entries = [EntryData(id=t, title=t, answer="x", tags=(t,))
+               for t in ("card_a", "cardXa", "a|b", "plain")]
+    store.upsert("kb", entries, [vectors(e, 0) for e in entries])
+    q = np.stack([vec(0)])
+    for tags, want in ((("card_a",), {"card_a"}), (("%",), set()), (("a|b",), {"a|b"}),
+                       (("card_a", "plain"), {"card_a", "plain"})):
+        (dense, lex), = store.search("kb", q, ["card"], limit=50, tags=tags)
+        assert set(ids(dense)) == want, tags
+        assert set(ids(lex)) <= want, tags
+
+
 def test_lexical_route_finds_exact_error_code(store):
     e1 = EntryData(id="e4012", title="Error 4012: Card declined by issuer", answer="call bank")
     e2 = EntryData(id="e503", title="Error 503: Service temporarily unavailable", answer="wait")

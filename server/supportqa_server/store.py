@@ -653,14 +653,24 @@ class KnowledgeStore:
         if locale:
             filters.append(f'(locale == {_quote(locale)} or locale == "")')
         if tags:
-            filters.append(
-                "(" + " or ".join(f"tags like {_quote('%|' + t + '|%')}" for t in tags) + ")"
-            )
+            filters.append("(" + " or ".join(
+                f"tags like {_quote('%|' + t.replace('|', '/') + '|%')}" for t in tags
+            ) + ")")
         pending = self._send_search(
             _rows_name(kb), data, field, min(limit, MAX_SEARCH_LIMIT), " and ".join(filters),
             "IP" if field == "vector" else "BM25",
         )
-        return lambda: [self._live(state, hits) for hits in _read_hits(pending, len(data))]
+        if not any("%" in t or "_" in t for t in tags):
+            return lambda: [self._live(state, hits) for hits in _read_hits(pending, len(data))]
+        # Milvus's like has no escape, so % and _ in a tag match any text there: such hits
+        # are checked against the entries' own tags here.
+        want = set(tags)
+
+        def tagged(hits: list[RowHit]) -> list[RowHit]:
+            return [h for h in hits if (e := state.committed.get(h.entry_id)) is not None
+                    and want.intersection(e[1].tags)]
+
+        return lambda: [tagged(self._live(state, hits)) for hits in _read_hits(pending, len(data))]
 
     def _send_search(self, collection: str, data: list, field: str, limit: int, expr: str,
                      metric: str):

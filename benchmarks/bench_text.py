@@ -133,10 +133,11 @@ def encode_one_ms(enc, queries: list[str]) -> float:
 
 
 def search_limits() -> tuple[int, int]:
-    """Rows the server asks Milvus for, for top_k=5: (dense, BM25)."""
-    from supportqa_server.pipeline import LEXICAL_ROWS, MIN_ROWS
+    """Rows the server asks Milvus for a typed question, top_k=5, its entry head ready:
+    (dense, BM25)."""
+    from supportqa_server.pipeline import LEXICAL_ROWS, MIN_ROWS_HEAD, ROWS_PER_ANSWER_HEAD
 
-    return MIN_ROWS, LEXICAL_ROWS
+    return max(MIN_ROWS_HEAD, 5 * ROWS_PER_ANSWER_HEAD), LEXICAL_ROWS
 
 
 def _search_one(store, kb: str, vec, q: str) -> None:

@@ -299,3 +299,42 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
         assert firsts == ["lost", "fee"]
     finally:
         await p.close()
+
+
+@pytest.mark.parametrize(("head_weight", "rows"), [(0.5, 100), (0.0, 200)])
+async def test_questions_ranked_with_the_head_fetch_fewer_rows(tmp_path, monkeypatch,
+                                                              head_weight, rows):
+    """With the head ranking too, 100 dense rows score as 200 do (docs/evaluation.md); without
+    it (voice, HEAD_WEIGHT=0, a head still training) the ranking needs the 200."""
+    import asyncio
+
+    from supportqa_server import pipeline as pipeline_module
+    from supportqa_server.pipeline import AskRequest, Pipeline
+    from supportqa_server.settings import Settings
+    from supportqa_server.store import EntryData, KnowledgeStore
+
+    monkeypatch.setattr(pipeline_module, "HEAD_SETTLE_S", 0.05)
+    limits: list[tuple[int, int | None]] = []
+    search = KnowledgeStore.search
+
+    def spy_search(self, kb, vectors, texts, *, limit, **kwargs):
+        limits.append((limit, kwargs.get("lexical_limit")))
+        return search(self, kb, vectors, texts, limit=limit, **kwargs)
+
+    monkeypatch.setattr(KnowledgeStore, "search", spy_search)
+    p = Pipeline(Settings(data_dir=tmp_path, speech_model="", ocr=False, clip_model="",
+                          head_weight=head_weight))
+    await p.start()
+    try:
+        await p.upsert("kb", [
+            EntryData(id="lost", answer="Freeze it in the app.", questions=("I lost my card",)),
+            EntryData(id="fee", answer="Transfers are free.", questions=("transfer fee",)),
+        ])
+        for _ in range(200):
+            if head_weight == 0 or p.head_state("kb") == "ready":
+                break
+            await asyncio.sleep(0.05)
+        [e async for e in p.ask(AskRequest(text="my card got lost", knowledge_base="kb"))]
+        assert limits == [(rows, 50)]
+    finally:
+        await p.close()

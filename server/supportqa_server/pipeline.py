@@ -26,13 +26,15 @@ log = logging.getLogger(__name__)
 MAX_TOP_K = 50
 DEFAULT_TOP_K = 5
 # Dense rows fetched per question: at least MIN_ROWS, and ROWS_PER_ANSWER per requested answer
-# (an entry owns several rows). Enough for the leaders' best 3 paraphrases: with the entry head,
-# 100 rows score as 200 did offline (BANKING77 dev 0.9349 both, ~106 rows an entry; CLINC150
-# in-scope 0.947 at NA recall 0.77 both) for 0.18 ms less search and half the ranking per
-# question (docs/bench_summary.md).
-ROWS_PER_ANSWER = 20
-MIN_ROWS = 100
-IMAGE_ROWS = 200  # See-route rows: the best one per entry is kept
+# (an entry owns several rows), so aggregation sees the leaders' best paraphrases.
+ROWS_PER_ANSWER = 40
+MIN_ROWS = 200
+# Half that when the entry head ranks too: offline it scores as 200 rows do (BANKING77 dev 0.9349
+# both, ~106 rows an entry; CLINC150 in-scope 0.947 at NA recall 0.77 both), for 0.18 ms less
+# search and half the ranking a question, 1.16x the QPS at c=32 (docs/bench_summary.md).
+# Without the head (voice), 100 rows cost CLINC150 0.004 accuracy@1.
+ROWS_PER_ANSWER_HEAD = 20
+MIN_ROWS_HEAD = 100
 # BM25 rows per question: fusion only needs the leaders' best BM25 row. Same dev scores as 200
 # (BANKING77 0.919, CLINC150 0.915 @ NA recall 0.70) at a quarter of the rows to read and
 # check against the committed versions (docs/benchmarks.md).
@@ -727,10 +729,11 @@ class Pipeline:
         yield Done(timings)
 
     async def _ranked(self, req: AskRequest, q: _Query, timings: Timings) -> list[RankedEntry]:
-        limit = max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER)
-        lexical_limit = min(limit, LEXICAL_ROWS) if self.rank_options.lexical_weight > 0 else 0
         opts = self._heard_rank_options if q.heard else self.rank_options
         head = self._head(req.knowledge_base) if opts.head_weight > 0 else None
+        limit = (max(MIN_ROWS_HEAD, req.top_k * ROWS_PER_ANSWER_HEAD) if head is not None
+                 else max(MIN_ROWS, req.top_k * ROWS_PER_ANSWER))
+        lexical_limit = min(limit, LEXICAL_ROWS) if self.rank_options.lexical_weight > 0 else 0
         t0 = time.perf_counter()
         found = await self._submit("text encoder", _SearchItem(
             req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags, head
@@ -749,7 +752,7 @@ class Pipeline:
         t0 = time.perf_counter()
         (hits,) = await asyncio.get_running_loop().run_in_executor(
             self._store_exec,
-            lambda: self.store.search_images(req.knowledge_base, vector[None, :], limit=IMAGE_ROWS),
+            lambda: self.store.search_images(req.knowledge_base, vector[None, :], limit=MIN_ROWS),
         )
         timings.search_us += _us(t0)
         best: dict[str, RankedEntry] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import os
 import platform
 import shutil
@@ -113,8 +114,7 @@ def ceiling(data_dir: Path, kb: str, queries: list[str]) -> dict:
     lat32 = []
     for _ in range(8):
         t = time.perf_counter()
-        dense, lexical = search_limits()
-        store.search(kb, vecs[:32], queries[:32], limit=dense, lexical_limit=lexical)
+        _search(store, kb, vecs[:32], queries[:32])
         lat32.append((time.perf_counter() - t) * 1000)
     out["search_32_ms"] = statistics.median(lat32)
     out["search_qps_batched"] = 32 / (out["search_32_ms"] / 1000)
@@ -132,6 +132,7 @@ def encode_one_ms(enc, queries: list[str]) -> float:
     return statistics.median(one)
 
 
+@functools.cache  # read once: the searches below are timed
 def search_limits() -> tuple[int, int]:
     """Rows the server asks Milvus for a typed question, top_k=5, its entry head ready:
     (dense, BM25)."""
@@ -140,9 +141,9 @@ def search_limits() -> tuple[int, int]:
     return max(MIN_ROWS_HEAD, 5 * ROWS_PER_ANSWER_HEAD), LEXICAL_ROWS
 
 
-def _search_one(store, kb: str, vec, q: str) -> None:
+def _search(store, kb: str, vecs, qs: list[str]) -> None:
     dense, lexical = search_limits()
-    store.search(kb, vec, [q], limit=dense, lexical_limit=lexical)
+    store.search(kb, vecs, qs, limit=dense, lexical_limit=lexical)
 
 
 def search_one_ms(store, kb: str, vecs, queries: list[str]) -> float:
@@ -150,7 +151,7 @@ def search_one_ms(store, kb: str, vecs, queries: list[str]) -> float:
     lat = []
     for i, q in enumerate(queries):
         t = time.perf_counter()
-        _search_one(store, kb, vecs[i : i + 1], q)
+        _search(store, kb, vecs[i : i + 1], [q])
         lat.append((time.perf_counter() - t) * 1000)
     return statistics.median(lat)
 
@@ -162,7 +163,7 @@ def in_sequence_ms(enc, store, kb: str, queries: list[str]) -> float:
     lat = []
     for q in queries:
         t = time.perf_counter()
-        _search_one(store, kb, enc.encode([q]), q)
+        _search(store, kb, enc.encode([q]), [q])
         lat.append((time.perf_counter() - t) * 1000)
     return statistics.median(lat)
 

@@ -773,12 +773,13 @@ class Pipeline:
         for r in ranked:
             if len(out) >= req.top_k:
                 break
-            if out and r.score < threshold:
+            confident = r.score >= threshold
+            if out and not confident:
                 continue  # later answers must be confident too
             entry = self.store.entry(req.knowledge_base, r.entry_id)
             if entry is None:  # deleted since the search
                 continue
-            if not out and r.score < threshold:
+            if not confident:
                 # The best guess is not confident: say so, rather than answer with an entry
                 # ranked below it. On CLINC150 val at 0.44 that answered 6 more out-of-scope
                 # questions, and in-scope ones wrongly instead of not at all

@@ -118,3 +118,59 @@ def test_kb_groups_of_separate_query_splits_use_the_whole_kb_split(shared_data):
     groups = kb_groups(path, kb_splits=["train"], queries_splits=["val", "oos_val"],
                        no_answer_label="oos")
     assert len(groups) == 150 and sum(len(g) - 1 for g in groups) == 15000
+
+
+def _tiny_bert(dropout: float):
+    """A randomly initialised 2-layer BERT and three tokenised chunks of two texts each."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    model = BertModel(config).train()
+    lengths = [5, 3, 7, 4, 6, 2]
+    ids = torch.randint(1, 60, (6, 7))
+    mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask  # 0 is the padding id
+    whole = {"input_ids": ids, "attention_mask": mask}
+    chunks = [{k: v[i:i + 2] for k, v in whole.items()} for i in range(0, 6, 2)]
+    return model, whole, chunks, torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def _grads(model) -> list:
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_chunked_backward_gives_the_whole_batch_gradients():
+    import torch
+    from supportqa_server.adapt import contrastive_backward
+
+    model, whole, chunks, labels = _tiny_bert(dropout=0.0)
+    one = contrastive_backward(model, [whole], labels, 0.05)
+    reference = _grads(model)
+    chunked = contrastive_backward(model, chunks, labels, 0.05)
+    got = _grads(model)
+    assert chunked == pytest.approx(one, rel=1e-5)
+    assert len(got) == len(reference) > 10
+    for g, r in zip(got, reference, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_backward_reruns_each_chunk_with_its_own_dropout():
+    import torch
+    from supportqa_server.adapt import _embed, contrastive_backward, supervised_contrastive_loss
+
+    model, _, chunks, labels = _tiny_bert(dropout=0.3)
+    torch.manual_seed(7)
+    contrastive_backward(model, chunks, labels, 0.05)
+    got = _grads(model)
+    # The same dropout draws, in the same order, all in one graph.
+    torch.manual_seed(7)
+    z = torch.cat([_embed(model, enc) for enc in chunks])
+    supervised_contrastive_loss(z, labels, 0.05).backward()
+    for g, r in zip(got, _grads(model), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

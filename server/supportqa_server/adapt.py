@@ -37,6 +37,7 @@ class AdaptOptions:
     max_tokens: int = 64  # paraphrases are short; longer ones are truncated for training only
     freeze_embeddings: bool = True  # keep the word-piece table: rare words stay where they were
     seed: int = 13
+    grad_chunk: int = 16  # texts in the autograd graph at once (0: whole batch); memory, not maths
 
     def check(self) -> None:
         """Raises ValueError naming the first unusable option."""
@@ -51,6 +52,8 @@ class AdaptOptions:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 < self.temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {self.temperature}")
+        if self.grad_chunk < 0:
+            raise ValueError(f"grad_chunk must be 0 (whole batch) or more, got {self.grad_chunk}")
 
 
 @dataclasses.dataclass
@@ -146,6 +149,70 @@ def supervised_contrastive_loss(z, labels, temperature: float):
     return per_anchor.mean()
 
 
+def _embed(model, enc):
+    """Mean-pooled unit vectors (B, H) of one tokenised chunk, as the server's encoder pools."""
+    import torch
+
+    hidden = model(**enc).last_hidden_state  # (B, T, H)
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def contrastive_backward(model, chunks, labels, temperature: float) -> float:
+    """Accumulates the batch's contrastive-loss gradients in ``model``; returns the loss.
+
+    With one chunk this is a plain forward and backward. With several, only one chunk's
+    activations are held at a time (gradient caching, Gao et al. 2021): every chunk's vectors
+    are computed without a graph, the loss's gradient with respect to those vectors is taken,
+    then each chunk is run again with its graph and back-propagates its share. The gradients
+    are the batch's own, since each rerun restores the random state its first run drew
+    dropout from. It costs one extra forward pass. Adapting on BANKING77 (128 texts a batch)
+    on 2 cores, chunks of 16 took mpnet's peak RSS from 15 GB to 3.5 GB in the same time
+    (868 s against 844-894 s), and MiniLM's from 3.5 GB to 1.2 GB in 7% more time.
+    """
+    import torch
+
+    if len(chunks) == 1:
+        loss = supervised_contrastive_loss(_embed(model, chunks[0]), labels, temperature)
+        loss.backward()
+        return loss.item()
+    devices = [] if labels.device.type == "cpu" else [labels.device]
+    states, vectors = [], []
+    with torch.no_grad():
+        for enc in chunks:
+            states.append(_rng_state(devices))
+            vectors.append(_embed(model, enc))
+    z = torch.cat(vectors).requires_grad_()
+    loss = supervised_contrastive_loss(z, labels, temperature)
+    loss.backward()
+    after = _rng_state(devices)
+    for enc, state, grad in zip(chunks, states, z.grad.split([len(v) for v in vectors]),
+                                strict=True):
+        _set_rng_state(devices, state)
+        _embed(model, enc).backward(grad)
+    _set_rng_state(devices, after)
+    return loss.item()
+
+
+def _rng_state(devices) -> list:
+    import torch
+
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) if d.type == "cuda"
+                                      else torch.mps.get_rng_state() for d in devices]
+
+
+def _set_rng_state(devices, state: list) -> None:
+    import torch
+
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1:], strict=True):
+        if d.type == "cuda":
+            torch.cuda.set_rng_state(s, d)
+        else:
+            torch.mps.set_rng_state(s)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -235,19 +302,17 @@ def adapt(
         running = 0.0
         for batch in batches:
             labels = torch.tensor([lab for lab, _ in batch], device=device)
-            enc = tokenizer([t for _, t in batch], padding=True, truncation=True,
-                            max_length=options.max_tokens, return_tensors="pt").to(device)
-            hidden = model(**enc).last_hidden_state  # (B, T, H)
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, H)
-            z = torch.nn.functional.normalize(pooled, dim=-1)
-            loss = supervised_contrastive_loss(z, labels, options.temperature)
+            texts = [t for _, t in batch]
+            size = options.grad_chunk or len(texts)
+            chunks = [tokenizer(texts[i:i + size], padding=True, truncation=True,
+                                max_length=options.max_tokens, return_tensors="pt").to(device)
+                      for i in range(0, len(texts), size)]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = contrastive_backward(model, chunks, labels, options.temperature)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            running += loss.item()
+            running += loss
             step += 1
             if step % 50 == 0 or step == total:
                 log(f"adapt: epoch {epoch + 1}/{options.epochs} step {step}/{total} "
@@ -326,13 +391,17 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-entries", type=int, default=d.batch_entries)
     parser.add_argument("--per-entry", type=int, default=d.per_entry)
     parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--grad-chunk", type=int, default=d.grad_chunk,
+                        help="texts in memory for back-propagation at once; 0 = the whole "
+                        "batch (fastest, most memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="retrain even if --out matches")
 
 
 def options_from_args(args: argparse.Namespace) -> AdaptOptions:
     return AdaptOptions(epochs=args.epochs, lr=args.lr, batch_entries=args.batch_entries,
-                        per_entry=args.per_entry, temperature=args.temperature)
+                        per_entry=args.per_entry, temperature=args.temperature,
+                        grad_chunk=args.grad_chunk)
 
 
 def adapt_main(args: argparse.Namespace) -> int:

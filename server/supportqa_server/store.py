@@ -188,8 +188,12 @@ def _quote(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
+def _stored_tag(tag: str) -> str:
+    return tag.replace("|", "/")  # "|" separates the tags field's tags
+
+
 def _tags_field(tags: Iterable[str]) -> str:
-    return "|" + "|".join(t.replace("|", "/") for t in tags) + "|" if tags else ""
+    return "|" + "|".join(map(_stored_tag, tags)) + "|" if tags else ""
 
 
 def short_id(entry_id: str) -> str:
@@ -654,7 +658,7 @@ class KnowledgeStore:
             filters.append(f'(locale == {_quote(locale)} or locale == "")')
         if tags:
             filters.append("(" + " or ".join(
-                f"tags like {_quote('%|' + t.replace('|', '/') + '|%')}" for t in tags
+                f"tags like {_quote('%|' + _stored_tag(t) + '|%')}" for t in tags
             ) + ")")
         pending = self._send_search(
             _rows_name(kb), data, field, min(limit, MAX_SEARCH_LIMIT), " and ".join(filters),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from supportqa_server.errors import NotFound, WrongModel
-from supportqa_server.store import EntryData, KnowledgeStore
+from supportqa_server.store import EntryData, KnowledgeStore, key_of
 
 DIM = 8
 
@@ -56,7 +56,8 @@ def test_replace_removes_old_rows_and_counts_follow(store):
     assert "a" not in ids([h for h in dense if h.score > 0.5])  # old vectors pointed at axis 0
     (dense, _), = store.search("kb", np.stack([vec(2)]), ["alpha"], limit=50)
     assert dense[0].entry_id == "a" and dense[0].text in ("alpha two", "second")
-    left = store.client.query("sqa_kb_rows", filter='entry_id == "a"', output_fields=["text"])
+    left = store.client.query("supportqa_kb_rows", filter=f'entry_key == "{key_of("a")}"',
+                              output_fields=["text"])
     assert sorted(r["text"] for r in left) == ["alpha two", "second"]
 
 
@@ -67,8 +68,8 @@ def test_uncommitted_rows_are_invisible_and_removed_on_reopen(tmp_path):
     a = EntryData(id="a", title="alpha", answer="kept")
     s.upsert("kb", [a], [vectors(a, 0)])
     # A writer that died after inserting rows of a new version, before its commit point:
-    s.client.insert("sqa_kb_rows", [{
-        "pk": "a\x1f999\x1f0", "entry_id": "a", "version": 999, "kind": "question",
+    s.client.insert("supportqa_kb_rows", [{
+        "pk": f"{key_of('a')}.999.0", "entry_key": key_of("a"), "version": 999, "kind": "question",
         "text": "half written paraphrase", "tags": "", "locale": "", "vector": vec(5).tolist(),
     }])
     (dense, lex), = s.search("kb", np.stack([vec(5)]), ["half written paraphrase"], limit=50)
@@ -78,7 +79,7 @@ def test_uncommitted_rows_are_invisible_and_removed_on_reopen(tmp_path):
     s2 = KnowledgeStore(path, DIM)
     s2.open()
     assert s2.get("kb", "a").answer == "kept"
-    left = s2.client.query("sqa_kb_rows", filter="version == 999", output_fields=["pk"])
+    left = s2.client.query("supportqa_kb_rows", filter="version == 999", output_fields=["pk"])
     assert left == []
     assert s2.counts("kb") == (1, 2, 0)
     s2.close()
@@ -127,13 +128,13 @@ def test_row_hits_found_before_a_write_are_dropped_after_it(store):
     (dense, _), = store.search("kb", np.stack([vec(0)]), ["alpha"], limit=10)
     assert {h.text for h in dense} == {"alpha", "first"}
     state = store._kbs["kb"]
-    old_key = f"a\x1f{state.committed['a'][0]}\x1f0"
+    old_key = f"{key_of('a')}.{state.committed['a'][0]}.0"
     assert [h.text for h in store._live(state, [(old_key, 0.9)])] == ["alpha"]
     a2 = EntryData(id="a", title="alpha two", answer="second")
     store.upsert("kb", [a2], [vectors(a2, 0)])
     # Milvus may still send a row of the replaced version: it no longer counts
     assert store._live(state, [(old_key, 0.9)]) == []
-    new_key = f"a\x1f{state.committed['a'][0]}\x1f0"
+    new_key = f"{key_of('a')}.{state.committed['a'][0]}.0"
     assert [h.text for h in store._live(state, [(new_key, 0.9)])] == ["alpha two"]
     store.delete("kb", ["a"])
     assert store._live(state, [(new_key, 0.9)]) == []
@@ -181,8 +182,8 @@ def test_raw_replies_read_as_pymilvus_reads_them(store):
     for data, field, metric in (([q.tolist() for q in queries], "vector", "IP"),
                                 (["refund 3 pending", "cards", "nothing matches"], "sparse",
                                  "BM25")):
-        mine = _read_hits(store._send_search("sqa_kb_rows", data, field, 7, "", metric), 3)
-        theirs = store.client.search("sqa_kb_rows", data=data, anns_field=field, limit=7,
+        mine = _read_hits(store._send_search("supportqa_kb_rows", data, field, 7, "", metric), 3)
+        theirs = store.client.search("supportqa_kb_rows", data=data, anns_field=field, limit=7,
                                      search_params={"metric_type": metric})
         assert [[pk for pk, _ in hits] for hits in mine] == [
             [h["id"] for h in hits] for hits in theirs]
@@ -190,7 +191,9 @@ def test_raw_replies_read_as_pymilvus_reads_them(store):
             assert [s for _, s in hits] == pytest.approx([h["distance"] for h in ref])
     assert len(mine[0]) > 0 and mine[2] == []  # BM25: no shared word, no row
     with pytest.raises(MilvusException):
-        _read_hits(store._send_search("sqa_nope_rows", [[0.0] * DIM], "vector", 3, "", "IP"), 1)
+        _read_hits(
+            store._send_search("supportqa_nope_rows", [[0.0] * DIM], "vector", 3, "", "IP"), 1
+        )
 
 
 def test_a_knowledge_base_written_by_another_text_model_says_so(tmp_path):
@@ -254,3 +257,91 @@ def test_text_vectors_are_the_committed_rows_and_their_entries(store):
     for label, v in zip(labels, vecs, strict=True):
         assert np.argmax(v) == (2 if label == "a" else 1)  # each row its own entry's vector
     assert store.text_vectors("kb", max_rows=3) is None  # over the limit: no head
+
+
+NASTY_IDS = [
+    "x') OR ('1'='1", 'x") or ("1"=="1', "a','b", "can't-login", 'say "hi"', "line\nbreak",
+    "back\\slash\\", "emoji 🙂 id", 'entry_id > "z', "%_*", "  spaced  ", "nul\x00byte",
+    "a\x1fb", "ключ", "]) or true or ([",
+]
+
+
+def test_crafted_ids_round_trip_and_survive_a_reopen(tmp_path):
+    """Ids that were expression fragments, quotes, newlines or control characters are data:
+    each is written, read, searched and deleted as itself, never touches another entry, and
+    the store opens again with all of them."""
+    path = str(tmp_path / "milvus.db")
+    s = KnowledgeStore(path, DIM)
+    s.open()
+    plain = [EntryData(id=i, title=i, answer=f"answer {i}") for i in ("a", "b", "1")]
+    nasty = [EntryData(id=i, title=f"t{n}", answer=f"answer {n}", tags=(i,), locale=i[:32])
+             for n, i in enumerate(NASTY_IDS)]
+    s.upsert("kb", plain + nasty, [vectors(e, n) for n, e in enumerate(plain + nasty)])
+    assert s.upsert("kb", nasty, [vectors(e, 3) for e in nasty]) == (len(nasty), 2 * len(nasty))
+    assert s.delete("kb", ["a','b", "x') OR ('1'='1"]) == (2, [])
+    kept = [e for e in plain + nasty if e.id not in ("a','b", "x') OR ('1'='1")]
+    for e in kept:
+        assert s.get("kb", e.id) == e
+    (dense, _), = s.search("kb", np.stack([vec(3)]), ["x"], limit=100, tags=("line\nbreak",),
+                           locale="line\nbreak")
+    assert ids(dense) == ["line\nbreak", "line\nbreak"]
+    revision, labels, vecs, _ = s.text_vectors("kb", 10_000)
+    assert set(labels) == {e.id for e in kept} and len(vecs) == 2 * len(kept)
+    s.close()
+
+    s2 = KnowledgeStore(path, DIM)
+    s2.open()
+    assert s2.counts("kb") == (len(kept), 2 * len(kept), 0)
+    for e in kept:
+        assert s2.get("kb", e.id) == e
+    assert s2.delete("kb", [e.id for e in kept]) == (len(kept), [])
+    assert s2.counts("kb") == (0, 0, 0)
+    s2.close()
+
+
+def test_a_knowledge_base_of_the_layout_before_keys_is_moved_over(tmp_path):
+    """Collections written before entry keys (raw ids in primary keys) are read into the keyed
+    layout on open: committed rows with their vectors, uncommitted ones left behind."""
+    from pymilvus import DataType, MilvusClient
+
+    path = str(tmp_path / "milvus.db")
+    c = MilvusClient(uri=path)
+    rows = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    rows.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
+    rows.add_field("entry_id", DataType.VARCHAR, max_length=256)
+    rows.add_field("version", DataType.INT64)
+    rows.add_field("kind", DataType.VARCHAR, max_length=16)
+    rows.add_field("text", DataType.VARCHAR, max_length=8192)
+    rows.add_field("tags", DataType.VARCHAR, max_length=2048)
+    rows.add_field("locale", DataType.VARCHAR, max_length=32)
+    rows.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    index = c.prepare_index_params()
+    index.add_index("vector", index_type="FLAT", metric_type="IP")
+    c.create_collection("sqa_old_rows", schema=rows, index_params=index)
+    entries = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    entries.add_field("entry_id", DataType.VARCHAR, is_primary=True, max_length=256)
+    entries.add_field("version", DataType.INT64)
+    entries.add_field("doc", DataType.VARCHAR, max_length=65535)
+    entries.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
+    eindex = c.prepare_index_params()
+    eindex.add_index("unused", index_type="FLAT", metric_type="L2")
+    c.create_collection("sqa_old_entries", schema=entries, index_params=eindex)
+    e = EntryData(id="card-lost", title="Lost card", answer="Freeze it.", tags=("cards",))
+    c.insert("sqa_old_rows", [
+        {"pk": f"card-lost\x1f7\x1f{i}", "entry_id": "card-lost", "version": 7, "kind": k,
+         "text": t, "tags": "|cards|", "locale": "", "vector": vec(i).tolist()}
+        for i, (k, t) in enumerate(e.texts())
+    ] + [{"pk": "card-lost\x1f9\x1f0", "entry_id": "card-lost", "version": 9, "kind": "title",
+          "text": "never committed", "tags": "", "locale": "", "vector": vec(5).tolist()}])
+    c.insert("sqa_old_entries", [{"entry_id": "card-lost", "version": 7, "doc": e.to_json(),
+                                  "unused": [0.0, 0.0]}])
+    c.close()
+
+    s = KnowledgeStore(path, DIM)
+    s.open()
+    assert s.get("old", "card-lost") == e
+    assert s.counts("old") == (1, 2, 0)
+    (dense, _), = s.search("old", np.stack([vec(1)]), ["freeze"], limit=10, tags=("cards",))
+    assert dense[0].entry_id == "card-lost" and dense[0].text == "Freeze it."
+    assert not any(n.startswith("sqa_") for n in s.client.list_collections())
+    s.close()

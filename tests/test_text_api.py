@@ -240,7 +240,8 @@ async def test_tag_filters_up_to_the_limit_search_and_more_are_refused(client):
         (dict(id="x" * 10_000), "ids have at most 256 bytes"),
         (dict(id="é" * 200), "its id is 400 bytes"),  # 200 characters, but Milvus counts bytes
         (dict(locale="en-GB-" + "x" * 40), "locale"),
-        (dict(tags=[f"tag{i}" for i in range(1000)]), "tags (1000) take"),
+        (dict(tags=[f"tag{i}" for i in range(1000)]), "1000 tags; the limit is 100"),
+        (dict(tags=["t" * 300] * 10), "tags (10) take 3011 bytes"),
         (dict(questions=["word " * 2000]), "text of 9999 bytes"),  # stripped
     ],
 )

@@ -68,6 +68,12 @@ def read_entries(path: str | Path) -> Iterator[pb.Entry]:
     Raises:
         KnowledgeFileError: naming the line that is not a valid entry.
     """
+    for _, entry in read_numbered(path):
+        yield entry
+
+
+def read_numbered(path: str | Path) -> Iterator[tuple[int, pb.Entry]]:
+    """Like read_entries, with each entry's line number (1-based)."""
     path = Path(path)
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -78,4 +84,4 @@ def read_entries(path: str | Path) -> Iterator[pb.Entry]:
                 d = json.loads(line)
             except json.JSONDecodeError as err:
                 raise KnowledgeFileError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-            yield entry_from_dict(d, base_dir=path.parent, where=f"{path}:{n}")
+            yield n, entry_from_dict(d, base_dir=path.parent, where=f"{path}:{n}")

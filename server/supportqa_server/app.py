@@ -16,9 +16,11 @@ from supportqa.v1 import supportqa_pb2 as pb
 from supportqa.v1 import supportqa_pb2_grpc as pb_grpc
 
 from . import converters as conv
+from .errors import InvalidInput
 from .pipeline import Pipeline
 from .servicers import AnsweringServicer, ApiKeyInterceptor, KnowledgeServicer
 from .settings import Settings
+from .writer import FileEntry, WriteReport, write_file
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +93,21 @@ def create_server(settings: Settings, pipeline: Pipeline | None = None) -> tuple
     return app, port
 
 
-async def ingest_file(pipeline: Pipeline, path: Path) -> pb.UpsertSummary:
-    """Loads a JSONL knowledge base straight into the pipeline (used by `serve --ingest`)."""
-    from supportqa.knowledge_file import read_entries
+async def ingest_file(pipeline: Pipeline, path: Path) -> WriteReport:
+    """Loads a JSONL knowledge base into the pipeline (`serve --ingest`): every line is checked
+    before the first write, and a file with any invalid line writes nothing.
 
-    summary = pb.UpsertSummary()
-    batch: dict[str, list] = {}
-    images: dict[str, list] = {}
+    Raises:
+        InvalidInput: naming each bad line as FILE:LINE.
+    """
+    from supportqa.knowledge_file import KnowledgeFileError, read_numbered
 
-    async def flush(kb: str) -> None:
-        res = await pipeline.upsert(kb, batch.pop(kb), images.pop(kb))
-        summary.written += res.written
-        summary.replaced += res.replaced
-        summary.rows += res.rows
-
-    for i, msg in enumerate(read_entries(path)):
-        summary.received += 1
-        kb, entry = conv.entry_data(msg)
-        pipeline.validate_entry(i, entry, kb)
-        batch.setdefault(kb, []).append(entry)
-        images.setdefault(kb, []).append(conv.entry_images(msg))
-        if len(batch[kb]) >= 256:
-            await flush(kb)
-    for kb in list(batch):
-        await flush(kb)
-    return summary
+    try:
+        entries = [FileEntry(n, *conv.entry_data(msg), tuple(conv.entry_images(msg)))
+                   for n, msg in read_numbered(path)]
+    except (KnowledgeFileError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"{e}; nothing written") from e
+    return await write_file(pipeline, path, entries)
 
 
 @contextlib.asynccontextmanager
@@ -144,8 +136,14 @@ async def serve(settings: Settings, ingest: Iterable[Path] = ()) -> None:
         loop.add_signal_handler(sig, stop.set)
     await app.pipeline.start()
     for path in ingest:
-        summary = await ingest_file(app.pipeline, path)
-        log.info("ingested %s: %d entries, %d rows", path, summary.written, summary.rows)
+        try:
+            report = await ingest_file(app.pipeline, path)
+        except InvalidInput as e:
+            log.error("--ingest %s", e)
+            await app.stop(0)
+            raise SystemExit(2) from None
+        log.info("ingested %s: %d entries (%d replaced), %d rows", path, report.written,
+                 report.replaced, report.rows)
     await app.set_serving(True)
     log.info("SERVING on %s:%d", settings.host, port)
     await stop.wait()

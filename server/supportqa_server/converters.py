@@ -8,6 +8,7 @@ from . import pipeline as p
 from .rank import DENSE, LEXICAL, READ, SEE
 from .settings import DEFAULT_KB
 from .store import EntryData
+from .writer import WriteReport
 
 AUDIO_FORMATS = {
     pb.AUDIO_FORMAT_UNSPECIFIED: "",
@@ -146,3 +147,11 @@ def entry_message(kb: str, e: EntryData) -> pb.Entry:
     if e.updated_at:
         out.updated_at.FromNanoseconds(int(e.updated_at * 1e9))
     return out
+
+
+def upsert_summary(r: WriteReport) -> pb.UpsertSummary:
+    return pb.UpsertSummary(
+        received=r.received, written=r.written, replaced=r.replaced, rows=r.rows,
+        failures=[pb.EntryFailure(index=f.index, entry_id=f.entry_id, code=f.code,
+                                  message=f.message) for f in r.rejected],
+    )

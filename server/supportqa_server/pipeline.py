@@ -972,6 +972,10 @@ class Pipeline:
     def get(self, knowledge_base: str, entry_id: str) -> EntryData:
         return self._require_ready().get(knowledge_base, entry_id)
 
+    def entry(self, knowledge_base: str, entry_id: str) -> EntryData | None:
+        """The stored entry, or None (also for an unknown knowledge base)."""
+        return self._require_ready().entry(knowledge_base, entry_id)
+
     def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, int, float, str]]:
         """(name, entries, rows, image rows, threshold, entry head state) per knowledge base."""
         store = self._require_ready()

@@ -23,13 +23,16 @@ from .errors import (
     Unauthenticated,
     WrongModel,
 )
-from .pipeline import ImageInput, Pipeline
-from .store import MAX_ID_BYTES, EntryData
+from .pipeline import Pipeline
+from .store import MAX_ID_BYTES
+from .writer import EntryWriter, Rejected
 
 log = logging.getLogger(__name__)
 
 UPSERT_SUMMARY_KEY = "supportqa-upsert-summary-bin"
-UPSERT_BATCH = 64  # entries embedded and written together
+# Metadata "supportqa-dry-run: 1" on Upsert: validate every entry, report each refusal, write
+# nothing (the CLI checks a whole file this way before writing any of it).
+DRY_RUN_KEY = "supportqa-dry-run"
 # Characters of a status message: gRPC fails a call whose metadata (the message and the
 # Upsert summary travel there) passes 16 KiB, and the client then sees RESOURCE_EXHAUSTED.
 MAX_DETAILS = 2000
@@ -117,50 +120,28 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
         self.pipeline = pipeline
 
     async def Upsert(self, request_iterator, context) -> pb.UpsertSummary:
-        summary = pb.UpsertSummary()
-        batch: list[EntryData] = []
-        images: list[list[ImageInput]] = []
-        batch_kb = ""
-
-        async def flush() -> None:
-            nonlocal batch, images
-            if batch:
-                res = await self.pipeline.upsert(batch_kb, batch, images)
-                summary.written += res.written
-                summary.replaced += res.replaced
-                summary.rows += res.rows
-                batch, images = [], []
-
-        index, current_id = -1, ""
+        md = dict(context.invocation_metadata() or ())
+        writer = EntryWriter(self.pipeline, dry_run=md.get(DRY_RUN_KEY, "") in ("1", "true"))
+        current_id = ""
         try:
             async for msg in request_iterator:
-                index += 1
-                summary.received += 1
                 current_id = msg.id
                 kb, entry = conv.entry_data(msg)
-                self.pipeline.validate_entry(index, entry, kb)
-                if batch and (kb != batch_kb or len(batch) >= UPSERT_BATCH):
-                    await flush()
-                batch_kb = kb
-                if any(e.id == entry.id for e in batch):
-                    await flush()  # the later version of a repeated id wins
-                batch.append(entry)
-                images.append(conv.entry_images(msg))
-            await flush()
-            return summary
+                await writer.add(kb, entry, conv.entry_images(msg))
+            await writer.flush()
+            return conv.upsert_summary(writer.report)
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001
             code, msg = status_of(e)
             if isinstance(e, InvalidInput | TooLarge):
                 try:
-                    await flush()  # entries before the bad one stay written
+                    await writer.flush()  # entries before the bad one stay written
                 except Exception as e2:  # noqa: BLE001
                     code, msg = status_of(e2)
-                summary.failures.append(
-                    pb.EntryFailure(index=index, entry_id=current_id[:MAX_ID_BYTES],
-                                    code=code.name, message=msg)
-                )
+                writer.report.rejected.append(Rejected(
+                    writer.report.received - 1, current_id[:MAX_ID_BYTES], msg, code.name))
+            summary = conv.upsert_summary(writer.report)
             await context.abort(
                 code, msg, trailing_metadata=((UPSERT_SUMMARY_KEY, summary.SerializeToString()),)
             )

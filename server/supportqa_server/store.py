@@ -2,10 +2,17 @@
 
 Layout per knowledge base NAME (a collection pair, so knowledge bases are isolated and can be
 dropped on their own):
-- `sqa_NAME_rows`: one row per searchable text of an entry (its title, each paraphrase, its
-  answer): dense vector, BM25 sparse vector (Milvus BM25 function over `text`), entry id,
-  entry version, tags and locale for filtering.
-- `sqa_NAME_entries`: one row per entry: its id, committed version and the entry as JSON.
+- `supportqa_NAME_rows`: one row per searchable text of an entry (its title, each paraphrase,
+  its answer): dense vector, BM25 sparse vector (Milvus BM25 function over `text`), entry key,
+  entry version, tag keys and locale key for filtering.
+- `supportqa_NAME_entries`: one row per entry: its key, committed version and the entry as JSON.
+- `supportqa_NAME_images`: with CLIP, one row per image or text of an entry in CLIP space.
+
+Callers' values (entry ids, tags, locales) never enter a Milvus expression or primary key:
+each is stored as its key, a digest of fixed hex digits (`key_of`), and the id itself lives in
+the entry's JSON. Any UTF-8 id therefore works, and no id can change what a filter or a delete
+means. Knowledge bases written by the layout before keys (`sqa_NAME_*`) are moved over when the
+store opens.
 
 Writes are ordered so that a reader sees either the old or the new version of an entry, whole:
 new rows go in under a new version, then the entry row is replaced (the commit point), then
@@ -17,8 +24,10 @@ died before its commit point are removed the next time the store opens.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,14 +42,39 @@ log = logging.getLogger(__name__)
 INSERT_BATCH = 1000  # rows per insert: Milvus Lite 2.5 slows sharply on larger batches
 MAX_TEXT_BYTES = 8192  # VARCHAR capacity of one searchable text, in bytes
 MAX_DOC_BYTES = 65535  # VARCHAR capacity of one entry's JSON
-MAX_ID_BYTES = 256  # VARCHAR capacity of an entry id
+MAX_ID_BYTES = 256  # of an entry id, UTF-8 (stored in the entry's JSON; Milvus sees its key)
 MAX_LOCALE_BYTES = 32
-MAX_TAGS_BYTES = 2048  # an entry's tags as stored: "|a|b|"
+MAX_TAGS_BYTES = 2048  # an entry's tags together, as "|a|b|" in UTF-8
+MAX_TAGS = 100  # tags per entry: their keys, 17 bytes each, fill the tags field
 # Tags one question may filter on. Each is one `like` in the filter, and Milvus Lite 2.5 fails
 # a search whose filter ORs more than 50 of them ("unsupported expr proto node").
 MAX_FILTER_TAGS = 32
 MAX_SEARCH_LIMIT = 16384  # Milvus's largest top-k
 SEARCH_TIMEOUT_S = 60.0  # one search call; Lite answers in milliseconds, a busy cluster in <1 s
+PREFIX = "supportqa_"  # collections of this layout
+LEGACY_PREFIX = "sqa_"  # collections of the layout before keys, moved over on open
+KEY_HEX = 32  # hex digits of an entry key: 128 bits of SHA-256
+TAG_KEY_HEX = 16  # of a tag or locale key; a filter's hits are checked against the entry too
+_KEY_RE = re.compile(r"[0-9a-f]*")
+
+
+def key_of(value: str, digits: int = KEY_HEX) -> str:
+    """The store's key for a caller's value (an entry id, a tag, a locale): hex digits of its
+    SHA-256, the only form in which the value reaches Milvus expressions and primary keys."""
+    return hashlib.sha256(value.encode()).hexdigest()[:digits]
+
+
+def _literal(key: str, template: str = "{}") -> str:
+    """A key as a Milvus expression string (``template`` around it, e.g. a like pattern).
+    Every value an expression compares goes through here, and only keys (hex digits) pass,
+    so no caller's text is ever parsed by Milvus."""
+    if not _KEY_RE.fullmatch(key):
+        raise ValueError(f"not a store key: {key[:40]!r}")
+    return '"' + template.format(key) + '"'
+
+
+def _row_pk(key: str, version: int, index: int) -> str:
+    return f"{key}.{version}.{index}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +133,8 @@ class RowHit:
 @dataclass
 class _KB:
     name: str
-    committed: dict[str, tuple[int, EntryData]] = field(default_factory=dict)
+    committed: dict[str, tuple[int, EntryData]] = field(default_factory=dict)  # by entry id
+    ids: dict[str, str] = field(default_factory=dict)  # entry key -> entry id, of committed
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Bumped before and after every change to ``committed``, so a view derived at one
     # revision never mixes states.
@@ -163,37 +198,39 @@ def _read_hits(pending, nq: int) -> list[list[tuple[str, float]]]:
 
 
 def _committed_row(state: _KB, pk: str) -> tuple[EntryData, int] | None:
-    """(entry, row index) of a row key "id\x1fversion\x1findex" whose version is committed;
+    """(entry, row index) of a row key "key.version.index" whose version is committed;
     None for a stale or uncommitted row."""
-    entry_id, version, index = pk.split("\x1f")
-    current = state.committed.get(entry_id)
+    key, version, index = pk.split(".")
+    entry_id = state.ids.get(key)
+    current = None if entry_id is None else state.committed.get(entry_id)
     if current is None or current[0] != int(version):
         return None
     return current[1], int(index)
 
 
-def _rows_name(kb: str) -> str:
-    return f"sqa_{kb}_rows"
+def _rows_name(kb: str, prefix: str = PREFIX) -> str:
+    return f"{prefix}{kb}_rows"
 
 
-def _entries_name(kb: str) -> str:
-    return f"sqa_{kb}_entries"
+def _entries_name(kb: str, prefix: str = PREFIX) -> str:
+    return f"{prefix}{kb}_entries"
 
 
-def _images_name(kb: str) -> str:
-    return f"sqa_{kb}_images"
+def _images_name(kb: str, prefix: str = PREFIX) -> str:
+    return f"{prefix}{kb}_images"
 
 
-def _quote(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
-
-
-def _stored_tag(tag: str) -> str:
-    return tag.replace("|", "/")  # "|" separates the tags field's tags
+def _tag_key(tag: str) -> str:
+    return key_of(tag, TAG_KEY_HEX)
 
 
 def _tags_field(tags: Iterable[str]) -> str:
-    return "|" + "|".join(map(_stored_tag, tags)) + "|" if tags else ""
+    """An entry's tags as stored: "|k1|k2|", one key per tag, matched with `like`."""
+    return "|" + "|".join(map(_tag_key, tags)) + "|" if tags else ""
+
+
+def _locale_field(locale: str) -> str:
+    return _tag_key(locale) if locale else ""
 
 
 def short_id(entry_id: str) -> str:
@@ -206,14 +243,20 @@ def unfit(e: EntryData) -> str | None:
     """Why the entry does not fit the collections' fields, or None. Milvus standalone rejects
     an over-long VARCHAR at insert, while Milvus Lite stores it: checked here for both.
     Lengths are UTF-8 bytes."""
-    if len(e.id.encode()) > MAX_ID_BYTES or "\x1f" in e.id:
+    try:
+        e.to_json().encode()
+    except UnicodeEncodeError:
+        return "it holds text that is not valid Unicode (a lone surrogate): send UTF-8"
+    if len(e.id.encode()) > MAX_ID_BYTES:
         return (f"its id is {len(e.id.encode())} bytes; ids have at most {MAX_ID_BYTES} bytes "
-                "(UTF-8) and no \\x1f character")
+                "(UTF-8)")
     if len(e.locale.encode()) > MAX_LOCALE_BYTES:
         return (f"locale {e.locale[:40]!r} is {len(e.locale.encode())} bytes; the limit is "
                 f"{MAX_LOCALE_BYTES}: use a language tag such as en-GB")
-    if len(tags := _tags_field(e.tags).encode()) > MAX_TAGS_BYTES:
-        return (f"its tags ({len(e.tags)}) take {len(tags)} bytes as stored; the limit is "
+    if len(e.tags) > MAX_TAGS:
+        return f"it has {len(e.tags)} tags; the limit is {MAX_TAGS}"
+    if (n := len(("|" + "|".join(e.tags) + "|").encode())) > MAX_TAGS_BYTES:
+        return (f"its tags ({len(e.tags)}) take {n} bytes together; the limit is "
                 f"{MAX_TAGS_BYTES}: use fewer or shorter tags")
     for _, t in e.texts():
         if len(t.encode()) > MAX_TEXT_BYTES:
@@ -262,11 +305,16 @@ class KnowledgeStore:
         if self._db_name:
             kwargs["db_name"] = self._db_name
         self._client = MilvusClient(**kwargs)
-        for name in self._client.list_collections():
-            if name.startswith("sqa_") and name.endswith("_entries"):
-                kb = name[len("sqa_") : -len("_entries")]
-                if self._client.has_collection(_rows_name(kb)):
-                    self._load(kb)
+        names = set(self._client.list_collections())
+        for prefix in (LEGACY_PREFIX, PREFIX):
+            for name in sorted(names):
+                kb = name[len(prefix) : -len("_entries")]
+                if not (name.startswith(prefix) and name.endswith("_entries")
+                        and _rows_name(kb, prefix) in names and kb not in self._kbs):
+                    continue
+                if prefix == LEGACY_PREFIX:
+                    self._move_legacy(kb, names)
+                self._load(kb)
 
     def close(self) -> None:
         if self._client is not None:
@@ -290,19 +338,22 @@ class KnowledgeStore:
                 self._create_images(kb)
             c.load_collection(_images_name(kb))
             state.image_dim = self._vector_width(_images_name(kb))
-        for batch in self._scan(_entries_name(kb), ["entry_id", "version", "doc"]):
+        for batch in self._scan(_entries_name(kb), ["version", "doc"]):
             for r in batch:
-                state.committed[r["entry_id"]] = (int(r["version"]), EntryData.from_json(r["doc"]))
+                e = EntryData.from_json(r["doc"])
+                state.committed[e.id] = (int(r["version"]), e)
+                state.ids[key_of(e.id)] = e.id
         for collection in (_rows_name(kb), _images_name(kb) if self.image_dim else None):
             if collection:
                 self._drop_dead_rows(collection, state)
         self._kbs[kb] = state
 
-    def _scan(self, collection: str, fields: list[str]) -> Iterator[list[dict]]:
-        """Every row of a collection, ``fields`` only, in batches of 1,000 (a Milvus query
-        returns at most 16,384 rows, so larger reads go through its iterator)."""
+    def _scan(self, collection: str, fields: list[str], batch_size: int = 1000
+              ) -> Iterator[list[dict]]:
+        """Every row of a collection, ``fields`` only, in batches (a Milvus query returns at
+        most 16,384 rows, so larger reads go through its iterator)."""
         it = self.client.query_iterator(
-            collection, batch_size=1000, filter="version >= 0", output_fields=fields
+            collection, batch_size=batch_size, filter="version >= 0", output_fields=fields
         )
         try:
             while batch := it.next():
@@ -314,23 +365,78 @@ class KnowledgeStore:
         """Deletes rows whose version is not their entry's committed one (unfinished writes)."""
         c = self.client
         dead: list[str] = []
-        for batch in self._scan(collection, ["pk", "entry_id", "version"]):
-            for r in batch:
-                current = state.committed.get(r["entry_id"])
-                if current is None or current[0] != int(r["version"]):
-                    dead.append(r["pk"])
+        for batch in self._scan(collection, ["pk"]):
+            dead += [r["pk"] for r in batch if _committed_row(state, r["pk"]) is None]
         if dead:
             log.warning("%s: removing %d rows of unfinished writes", collection, len(dead))
         for i in range(0, len(dead), INSERT_BATCH):
             c.delete(collection, ids=dead[i : i + INSERT_BATCH])
+
+    def _move_legacy(self, kb: str, names: set[str]) -> None:
+        """Moves a knowledge base of the layout before keys (raw ids in primary keys and
+        expressions) into this one: committed entries and their rows, vectors kept, then drops
+        the old collections. Until they are dropped the move is redone from the start, so a
+        move cut short loses nothing."""
+        c = self.client
+        for name in (_rows_name(kb), _entries_name(kb), _images_name(kb)):
+            if name in names:
+                c.drop_collection(name)
+        old_rows, old_entries = _rows_name(kb, LEGACY_PREFIX), _entries_name(kb, LEGACY_PREFIX)
+        old_images = _images_name(kb, LEGACY_PREFIX)
+        for name in (old_rows, old_entries) + ((old_images,) if old_images in names else ()):
+            c.load_collection(name)
+        committed: dict[str, tuple[int, str]] = {}
+        for batch in self._scan(old_entries, ["version", "doc"]):
+            for r in batch:
+                committed[EntryData.from_json(r["doc"]).id] = (int(r["version"]), r["doc"])
+        saved_dim, saved_image_dim = self.dim, self.image_dim
+        self.dim = self._vector_width(old_rows) or self.dim
+        if old_images in names:
+            self.image_dim = self._vector_width(old_images) or self.image_dim
+        try:
+            self._create(kb)
+            self._kbs.pop(kb)
+            moved = 0
+            for old, new, fields in (
+                (old_rows, _rows_name(kb), ["pk", "kind", "text", "vector"]),
+                (old_images, _images_name(kb), ["pk", "vector"]),
+            ):
+                if old not in names or not self.image_dim and new == _images_name(kb):
+                    continue
+                for batch in self._scan(old, fields, INSERT_BATCH):
+                    rows = []
+                    for r in batch:
+                        entry_id, version, index = r.pop("pk").split("\x1f")
+                        if committed.get(entry_id, (None,))[0] != int(version):
+                            continue
+                        e = EntryData.from_json(committed[entry_id][1])
+                        r.update(pk=_row_pk(key_of(entry_id), int(version), int(index)),
+                                 entry_key=key_of(entry_id), version=int(version))
+                        if "text" in r:
+                            r.update(tags=_tags_field(e.tags), locale=_locale_field(e.locale))
+                        rows.append(r)
+                    if rows:
+                        c.insert(new, rows)
+                        moved += len(rows)
+            docs = [{"key": key_of(i), "version": v, "doc": d, "unused": [0.0, 0.0]}
+                    for i, (v, d) in committed.items()]
+            for i in range(0, len(docs), INSERT_BATCH):
+                c.insert(_entries_name(kb), docs[i : i + INSERT_BATCH])
+        finally:
+            self.dim, self.image_dim = saved_dim, saved_image_dim
+        for name in (old_rows, old_entries, old_images):
+            if name in names:
+                c.drop_collection(name)
+        log.warning("knowledge base %r: moved %d entries and %d rows to the keyed layout",
+                    kb, len(committed), moved)
 
     def _create_images(self, kb: str) -> None:
         from pymilvus import DataType, MilvusClient
 
         c = self.client
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
-        schema.add_field("entry_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
+        schema.add_field("entry_key", DataType.VARCHAR, max_length=KEY_HEX)
         schema.add_field("version", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.image_dim)
         index = c.prepare_index_params()
@@ -344,13 +450,13 @@ class KnowledgeStore:
 
         c = self.client
         rows = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        rows.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=512)
-        rows.add_field("entry_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
+        rows.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
+        rows.add_field("entry_key", DataType.VARCHAR, max_length=KEY_HEX)
         rows.add_field("version", DataType.INT64)
         rows.add_field("kind", DataType.VARCHAR, max_length=16)
         rows.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True)
-        rows.add_field("tags", DataType.VARCHAR, max_length=MAX_TAGS_BYTES)  # matched with like
-        rows.add_field("locale", DataType.VARCHAR, max_length=MAX_LOCALE_BYTES)
+        rows.add_field("tags", DataType.VARCHAR, max_length=MAX_TAGS * (TAG_KEY_HEX + 1) + 1)
+        rows.add_field("locale", DataType.VARCHAR, max_length=TAG_KEY_HEX)
         rows.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         index = c.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="IP")  # unit vectors: cosine
@@ -367,7 +473,7 @@ class KnowledgeStore:
             _rows_name(kb), schema=rows, index_params=index, consistency_level="Strong"
         )
         entries = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        entries.add_field("entry_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        entries.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_HEX)
         entries.add_field("version", DataType.INT64)
         entries.add_field("doc", DataType.VARCHAR, max_length=MAX_DOC_BYTES)
         entries.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector
@@ -456,26 +562,28 @@ class KnowledgeStore:
                 texts = e.texts()
                 if len(texts) != len(vecs):
                     raise ValueError(f"entry {e.id!r}: {len(texts)} texts, {len(vecs)} vectors")
+                key = key_of(e.id)
                 for i, ((kind, text), v) in enumerate(zip(texts, vecs, strict=True)):
                     rows.append({
-                        "pk": f"{e.id}\x1f{version}\x1f{i}", "entry_id": e.id,
+                        "pk": _row_pk(key, version, i), "entry_key": key,
                         "version": version, "kind": kind, "text": text,
-                        "tags": _tags_field(e.tags), "locale": e.locale,
+                        "tags": _tags_field(e.tags), "locale": _locale_field(e.locale),
                         "vector": np.asarray(v, dtype=np.float32).tolist(),
                     })
             for i in range(0, len(rows), INSERT_BATCH):
                 c.insert(_rows_name(kb), rows[i : i + INSERT_BATCH])
             if self.image_dim and see_vectors is not None:
                 see = [
-                    {"pk": f"{e.id}\x1f{version}\x1f{i}", "entry_id": e.id, "version": version,
-                     "vector": np.asarray(v, dtype=np.float32).tolist()}
+                    {"pk": _row_pk(key_of(e.id), version, i), "entry_key": key_of(e.id),
+                     "version": version, "vector": np.asarray(v, dtype=np.float32).tolist()}
                     for e, vecs in zip(entries, see_vectors, strict=True)
                     for i, v in enumerate(vecs)
                 ]
                 for i in range(0, len(see), INSERT_BATCH):
                     c.insert(_images_name(kb), see[i : i + INSERT_BATCH])
             docs = [
-                {"entry_id": e.id, "version": version, "doc": e.to_json(), "unused": [0.0, 0.0]}
+                {"key": key_of(e.id), "version": version, "doc": e.to_json(),
+                 "unused": [0.0, 0.0]}
                 for e in entries
             ]
             for i in range(0, len(docs), INSERT_BATCH):
@@ -484,11 +592,12 @@ class KnowledgeStore:
             state.revision += 1
             for e in entries:
                 state.committed[e.id] = (version, e)
+                state.ids[key_of(e.id)] = e.id
             state.revision += 1
-            ids = sorted({e.id for e in entries})
-            for i in range(0, len(ids), INSERT_BATCH):
-                chunk = ", ".join(_quote(x) for x in ids[i : i + INSERT_BATCH])
-                old = f"entry_id in [{chunk}] and version < {version}"
+            keys = sorted({key_of(e.id) for e in entries})
+            for i in range(0, len(keys), INSERT_BATCH):
+                chunk = ", ".join(map(_literal, keys[i : i + INSERT_BATCH]))
+                old = f"entry_key in [{chunk}] and version < {version}"
                 c.delete(_rows_name(kb), filter=old)
                 if self.image_dim:
                     c.delete(_images_name(kb), filter=old)
@@ -503,15 +612,17 @@ class KnowledgeStore:
             missing = [i for i in ids if i not in state.committed]
             for i in range(0, len(present), INSERT_BATCH):
                 chunk = present[i : i + INSERT_BATCH]
-                c.delete(_entries_name(kb), ids=chunk)
+                keys = [key_of(x) for x in chunk]
+                quoted = ", ".join(map(_literal, keys))
+                c.delete(_entries_name(kb), filter=f"key in [{quoted}]")
                 state.revision += 1
-                for x in chunk:
+                for x, k in zip(chunk, keys, strict=True):
                     state.committed.pop(x, None)
+                    state.ids.pop(k, None)
                 state.revision += 1
-                quoted = ", ".join(_quote(x) for x in chunk)
-                c.delete(_rows_name(kb), filter=f"entry_id in [{quoted}]")
+                c.delete(_rows_name(kb), filter=f"entry_key in [{quoted}]")
                 if self.image_dim:
-                    c.delete(_images_name(kb), filter=f"entry_id in [{quoted}]")
+                    c.delete(_images_name(kb), filter=f"entry_key in [{quoted}]")
         return len(present), missing
 
     def get(self, kb: str, entry_id: str) -> EntryData:
@@ -551,9 +662,11 @@ class KnowledgeStore:
         if state.rows > max_rows:
             return None
         labels, vecs, texts = [], [], []
-        for batch in self._scan(_rows_name(kb), ["pk", "entry_id", "vector", "text"]):
-            live = [r for r in batch if _committed_row(state, r["pk"]) is not None]
-            labels += [r["entry_id"] for r in live]
+        for batch in self._scan(_rows_name(kb), ["pk", "vector", "text"]):
+            live = [(r, row[0].id) for r in batch
+                    if (row := _committed_row(state, r["pk"])) is not None]
+            labels += [entry_id for _, entry_id in live]
+            live = [r for r, _ in live]
             texts += [r["text"] for r in live]
             # To float32 a batch at a time: as Python floats, 100k rows of 384 would take 1 GB.
             vecs.append(np.asarray([r["vector"] for r in live], np.float32).reshape(-1, self.dim))
@@ -655,19 +768,19 @@ class KnowledgeStore:
             return list
         filters = []
         if locale:
-            filters.append(f'(locale == {_quote(locale)} or locale == "")')
+            filters.append(f'(locale == {_literal(_locale_field(locale))} or locale == "")')
         if tags:
             filters.append("(" + " or ".join(
-                f"tags like {_quote('%|' + _stored_tag(t) + '|%')}" for t in tags
+                f"tags like {_literal(_tag_key(t), '%|{}|%')}" for t in tags
             ) + ")")
         pending = self._send_search(
             _rows_name(kb), data, field, min(limit, MAX_SEARCH_LIMIT), " and ".join(filters),
             "IP" if field == "vector" else "BM25",
         )
-        if not any("%" in t or "_" in t for t in tags):
+        if not tags:
             return lambda: [self._live(state, hits) for hits in _read_hits(pending, len(data))]
-        # Milvus's like has no escape, so % and _ in a tag match any text there: such hits
-        # are checked against the entries' own tags here.
+        # Tag keys are 64 bits: hits are checked against the entries' own tags, so a
+        # collision of two tags' keys can never widen a filter.
         want = set(tags)
 
         def tagged(hits: list[RowHit]) -> list[RowHit]:
@@ -681,7 +794,7 @@ class KnowledgeStore:
         """Starts one search of ``data`` (nq queries); _read_hits waits for its rows."""
         return self.client.search(
             collection, data=data, anns_field=field, limit=limit, filter=expr,
-            # no fields: the primary key "id\x1fversion\x1findex" says it all
+            # no fields: the primary key "key.version.index" says it all
             output_fields=[], search_params={"metric_type": metric}, timeout=SEARCH_TIMEOUT_S,
             _async=True,
         )

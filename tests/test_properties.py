@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from supportqa import SupportClient, SupportQAError
 from supportqa.v1 import supportqa_pb2 as pb
-
 from test_durability import start
 
 pytestmark = pytest.mark.slow

@@ -169,3 +169,28 @@ async def test_stats_add_up_model_time_and_queueing(executor):
     assert b.stats.busy_s >= 0.05
     assert b.stats.waited_s >= 3 * 0.04  # lower bounds only: the sleep guarantees them
     await b.close()
+
+
+async def test_an_item_that_would_wait_past_its_limit_is_refused_at_once(executor):
+    """With a measured batch time, the batcher refuses what could only start after the queue
+    limit or the caller's deadline, and takes what fits; no clock is asserted: the batch time
+    is set, as if measured."""
+    gate, b, first = await _holding_first(executor, max_batch=2, max_queue=100,
+                                          max_queue_ms=2500)
+    b.batch_s = 1.0  # as if every batch took a second
+    # Three queued: the running batch's rest (<= 1 s) and one full batch before a new item.
+    queued = [asyncio.create_task(b.submit(i)) for i in range(1, 4)]
+    await asyncio.sleep(0)
+    assert 1.0 <= b.expected_wait() <= 2.0
+    with pytest.raises(Overloaded, match="past its deadline"):
+        await b.submit(9, timeout=0.5)
+    queued.append(asyncio.create_task(b.submit(4)))  # fits: it joins item 3's batch
+    await asyncio.sleep(0)
+    assert 2.0 <= b.expected_wait() <= 3.0
+    b.batch_s = 1.5  # slower batches: a new item now waits 3-4.5 s
+    with pytest.raises(Overloaded, match="2.5 s queue limit"):
+        await b.submit(6)
+    assert b.stats.rejected == 2
+    gate.release.set()
+    assert await asyncio.gather(first, *queued) == [0, 10, 20, 30, 40]
+    await b.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from supportqa_server.errors import InvalidInput, TooLarge
-from supportqa_server.images import downscale_for_ocr, load_image
+from supportqa_server.images import decode_bytes, load_image
 
 MAX_BYTES = 10_000_000  # 10 MB
 MAX_PIXELS = 40_000_000  # 40 MP
@@ -162,10 +162,23 @@ def test_generic_or_parameterised_mime_is_accepted(mime):
     assert _load(_encode(_two_tone(), "PNG"), mime).size == (40, 20)
 
 
-def test_downscale_for_ocr():
-    big = _two_tone(4000, 1000)
-    small = downscale_for_ocr(big, 1000)
-    assert small.size == (1000, 250)
-    assert _close(small.getpixel((100, 125)), RED)
-    fits = _two_tone(800, 200)
-    assert downscale_for_ocr(fits, 1000) is fits
+
+
+def test_decode_budget_scales_a_big_jpeg_and_refuses_a_big_png():
+    """A 6000x6000 picture would take ~360 MB to decode: as JPEG it is decoded at a scale that
+    fits the budget (DCT scaling, never the full size), as PNG it is refused before decoding."""
+    from supportqa_server.errors import Overloaded
+
+    big = _two_tone(6000, 6000)
+    budget = 100 * 2**20
+    assert decode_bytes("RGB", 6000, 6000) > budget
+    img = load_image(_encode(big, "JPEG"), max_bytes=2**30, max_pixels=10**9,
+                     max_decode_bytes=budget)
+    assert img.size == (3000, 3000) and img.mode == "RGB"
+    assert _close(img.getpixel((100, 1500)), RED)
+    with pytest.raises(Overloaded, match="over this server's 100 MiB per image"):
+        load_image(_encode(big, "PNG"), max_bytes=2**30, max_pixels=10**9,
+                   max_decode_bytes=budget)
+    small = load_image(_encode(_two_tone(), "PNG"), max_bytes=2**30, max_pixels=10**9,
+                       max_decode_bytes=budget)
+    assert small.size == (40, 20)

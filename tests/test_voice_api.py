@@ -41,8 +41,11 @@ async def voice_server(tmp_path_factory):
     from supportqa_server.app import running_server
     from supportqa_server.settings import Settings
 
+    # Small stream budgets, so the tests below can spend them: 2 MiB per stream (PCM16 of 30 s
+    # at 16 kHz is 0.96 MB), 5 MiB for all streams together, 5 s of silence ends a stream.
     settings = Settings(port=0, data_dir=tmp_path_factory.mktemp("voice"), speech_model="tiny.en",
-                        ocr=False, clip_model="", max_audio_seconds=30)
+                        ocr=False, clip_model="", max_audio_seconds=30, stream_idle_seconds=5,
+                        max_stream_audio_bytes=2 * 2**20, max_buffered_audio_bytes=5 * 2**20)
     async with running_server(settings) as target:
         async with AsyncSupportClient(target, timeout=120) as c:
             await c.upsert(read_entries(SAMPLE_KB))
@@ -185,3 +188,64 @@ async def test_converse_starting_with_silence_is_fine(vclient):
     events = [ev async for ev in vclient.converse(requests())]
     answers = [e.entry_id for e in events if isinstance(e, pb.Answer)]
     assert answers and answers[0] == "account-close"
+
+
+async def test_an_idle_converse_is_closed_by_the_server(vclient):
+    """A caller that opens a stream and goes quiet holds it no longer than
+    SUPPORTQA_STREAM_IDLE_SECONDS (5 s here): the server ends it with a status that says so."""
+    held = asyncio.Event()
+
+    async def requests():
+        yield pb.ConverseRequest(config=pb.ConverseConfig(
+            question=pb.Question(), format=pb.AUDIO_FORMAT_PCM16, sample_rate_hz=16000))
+        yield pb.ConverseRequest(audio_chunk=bytes(3200))
+        await held.wait()  # never set: the caller says nothing more
+
+    with pytest.raises(SupportQAError) as e:
+        async for _ in vclient.converse(requests(), timeout=60):
+            pass
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "sent nothing for 5 s" in e.value.details
+
+
+async def test_streamed_audio_has_a_budget_per_stream_and_for_all_streams(vclient, voice_server):
+    """A stream declared WAV cannot buffer past its 2 MiB; three open streams of 1.8 MiB each
+    pass the 5 MiB all streams share, and the one that would is refused with
+    RESOURCE_EXHAUSTED while the others go on."""
+    mib = 2**20
+
+    async def sending(total: int, hold: asyncio.Event | None = None, sent=None):
+        yield pb.ConverseRequest(config=pb.ConverseConfig(
+            question=pb.Question(), format=pb.AUDIO_FORMAT_WAV))
+        for _ in range(total // (256 * 1024)):
+            yield pb.ConverseRequest(audio_chunk=bytes(256 * 1024))
+        if sent is not None:
+            sent.set()
+        if hold is not None:
+            await hold.wait()
+        yield pb.ConverseRequest(end=pb.EndOfUtterance())
+
+    async def outcome(requests) -> grpc.StatusCode:
+        try:
+            async for _ in vclient.converse(requests, timeout=60):
+                pass
+        except SupportQAError as e:
+            return e.code, e.details
+        return grpc.StatusCode.OK, ""
+
+    code, details = await outcome(sending(3 * mib))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "2 MiB" in details
+
+    hold = asyncio.Event()
+    sent = [asyncio.Event(), asyncio.Event()]
+    first_two = [asyncio.create_task(outcome(sending(int(1.8 * mib), hold, ev))) for ev in sent]
+    for ev in sent:
+        await asyncio.wait_for(ev.wait(), 30)
+    await asyncio.sleep(0.5)  # the server has taken the last chunks
+    code, details = await outcome(sending(int(1.8 * mib)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert "SUPPORTQA_MAX_BUFFERED_AUDIO_BYTES" in details
+    hold.set()
+    # The held streams were all zeros: not audio, refused when decoded, not for the budget.
+    for code, details in await asyncio.gather(*first_two):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details

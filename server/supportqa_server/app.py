@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from supportqa.v1 import supportqa_pb2 as pb
 from supportqa.v1 import supportqa_pb2_grpc as pb_grpc
 
 from . import converters as conv
-from .errors import InvalidInput
+from .errors import InvalidInput, SupportQAError
 from .pipeline import Pipeline
 from .servicers import AnsweringServicer, ApiKeyInterceptor, KnowledgeServicer
 from .settings import Settings
@@ -126,7 +127,12 @@ async def running_server(
 
 
 async def serve(settings: Settings, ingest: Iterable[Path] = ()) -> None:
-    """Runs the server until SIGINT/SIGTERM, then drains in-flight calls for grace_seconds."""
+    """Runs the server until SIGINT/SIGTERM, then drains in-flight calls for grace_seconds.
+
+    A signal during start-up (models loading, the store opening, --ingest) stops the process
+    at once: that work runs on threads that cannot be interrupted, and nothing it does is
+    acknowledged to anyone yet (a write is only acknowledged once committed).
+    """
     app, port = create_server(settings)
     await app.server.start()
     log.info("listening on %s:%d (NOT_SERVING until models are loaded)", settings.host, port)
@@ -134,18 +140,30 @@ async def serve(settings: Settings, ingest: Iterable[Path] = ()) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await app.pipeline.start()
-    for path in ingest:
-        try:
-            report = await ingest_file(app.pipeline, path)
-        except InvalidInput as e:
-            log.error("--ingest %s", e)
-            await app.stop(0)
-            raise SystemExit(2) from None
-        log.info("ingested %s: %d entries (%d replaced), %d rows", path, report.written,
-                 report.replaced, report.rows)
-    await app.set_serving(True)
+    starting = asyncio.create_task(_start(app, ingest))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.warning("stopped during start-up")
+        os._exit(128 + signal.SIGTERM)
+    stopping.cancel()
+    try:
+        starting.result()
+    except SupportQAError as e:
+        log.error("cannot start: %s", e)
+        await app.stop(0)
+        raise SystemExit(2) from None
     log.info("SERVING on %s:%d", settings.host, port)
     await stop.wait()
     log.info("shutting down: draining for %.1f s", settings.grace_seconds)
     await app.stop(settings.grace_seconds)
+
+
+async def _start(app: App, ingest: Iterable[Path]) -> None:
+    """Loads models and store, ingests the start-up files, then reports SERVING."""
+    await app.pipeline.start()
+    for path in ingest:
+        report = await ingest_file(app.pipeline, path)
+        log.info("ingested %s: %d entries (%d replaced), %d rows", path, report.written,
+                 report.replaced, report.rows)
+    await app.set_serving(True)

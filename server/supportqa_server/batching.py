@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .errors import Cancelled, Overloaded
+
+BATCH_TIMES = 15  # recent batch times the wait estimate takes the median of
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,7 +34,7 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     dropped: int = 0  # cancelled or expired before their batch ran
-    rejected: int = 0  # refused because the queue was full
+    rejected: int = 0  # refused: the queue was full, or its wait too long for the caller
     sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     busy_s: float = 0.0  # seconds `fn` ran, summed over batches
     waited_s: float = 0.0  # seconds items queued before their batch ran, summed over items
@@ -46,8 +49,10 @@ class MicroBatcher(Generic[T, R]):
     are concurrent, that is after a batch of more than one item: a lone caller's item goes
     at once (a voice clip alone was held 20 ms for company that never came). At most
     `max_queue` items wait; more are refused at once with Overloaded (back-pressure, never an
-    unbounded wait). Items whose caller went away or whose deadline passed are dropped before
-    they cost model time.
+    unbounded wait). So is an item whose estimated wait (batches queued before it times the
+    measured batch time) passes `max_queue_ms` or its own deadline: it would only queue to
+    fail, and its place makes every later caller slower. Items whose caller went away or whose
+    deadline passed are dropped before they cost model time.
 
     `fn` takes a list of items and returns one result per item, in order. It runs on
     `executor`, one batch at a time, so a model needs no lock.
@@ -61,6 +66,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
         max_queue: int = 512,
+        max_queue_ms: float = 0.0,
         name: str = "model",
     ) -> None:
         if max_batch < 1 or max_queue < 1:
@@ -70,7 +76,15 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0  # seconds
         self.max_queue = max_queue
+        self.max_queue_s = max_queue_ms / 1000.0  # 0: no limit but the caller's deadline
         self.name = name
+        self.batch_s = 0.0  # median run time of the recent batches, seconds; 0 until measured
+        # Run times of the last BATCH_TIMES batches but the first (it warms the model up:
+        # lazy initialisation, a speech language model built). A median, so one slow batch
+        # (a language-model rebuild, a GC pause) does not turn callers away.
+        self._times: collections.deque[float] = collections.deque(maxlen=BATCH_TIMES)
+        self._warm = False
+        self._running_since: float | None = None  # monotonic start of the batch running now
         self.stats = BatchStats()
         self._last_size = 0  # items in the batch before: > 1 means callers are concurrent
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
@@ -96,6 +110,16 @@ class MicroBatcher(Generic[T, R]):
             raise Overloaded(
                 f"the {self.name} queue is full ({self.max_queue} waiting); retry with backoff"
             )
+        wait = self.expected_wait()
+        limits = [x for x in (self.max_queue_s or None, timeout) if x is not None]
+        if limits and wait > min(limits):
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"the {self.name} is busy: this would start in about {wait:.1f} s, past "
+                + ("its deadline" if timeout is not None and wait > timeout
+                   else f"the {self.max_queue_s:g} s queue limit")
+                + "; retry with backoff"
+            )
         loop = asyncio.get_running_loop()
         self._ensure_worker(loop)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -104,6 +128,16 @@ class MicroBatcher(Generic[T, R]):
         assert self._arrived is not None
         self._arrived.set()
         return await pending.future
+
+    def expected_wait(self) -> float:
+        """Seconds a new item would wait before its batch starts, from the measured batch
+        time: what is left of the running batch plus one batch per max_batch queued items."""
+        if not self.batch_s:
+            return 0.0
+        left = 0.0
+        if self._running_since is not None:
+            left = max(0.0, self.batch_s - (time.monotonic() - self._running_since))
+        return left + (len(self._queue) // self.max_batch) * self.batch_s
 
     async def close(self) -> None:
         """Stops the worker; queued items get Cancelled."""
@@ -141,7 +175,13 @@ class MicroBatcher(Generic[T, R]):
         try:
             return self._fn(items)
         finally:
-            self.stats.busy_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats.busy_s += took
+            if self._warm:
+                self._times.append(took)
+                self.batch_s = statistics.median(self._times)
+            self._warm = True
+            self._running_since = None
 
     async def _run(self) -> None:
         assert self._arrived is not None
@@ -171,7 +211,7 @@ class MicroBatcher(Generic[T, R]):
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.sizes[len(batch)] += 1
-            started = time.monotonic()
+            started = self._running_since = time.monotonic()
             self.stats.waited_s += sum(started - p.queued for p in batch)
             try:
                 results = await loop.run_in_executor(

@@ -42,36 +42,74 @@ OMP_SPIN_COUNT = "20000"
 NUMPY_BLAS_THREADS = "1"
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", NUMPY_BLAS_THREADS)
-    parser = argparse.ArgumentParser(prog="supportqa-server", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+# Options every command takes, before or after its name (`supportqa-server --log-level debug
+# serve` or `supportqa-server serve --log-level debug`); their defaults are applied once.
+GLOBAL_DEFAULTS = {"log_level": "INFO"}
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """A parent parser of the global options, for the top level and each subcommand.
+
+    Their defaults are SUPPRESS: a subcommand's parser then sets only the options given after
+    it, and does not overwrite with its default one given before it.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        help=f"logging level (default {GLOBAL_DEFAULTS['log_level']})")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `supportqa-server` argument parser; parse with parse_args() for the global defaults."""
+    common = _global_options()
+    parser = argparse.ArgumentParser(prog="supportqa-server", description=__doc__,
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC server (settings: SUPPORTQA_* env vars)")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="run the gRPC server (settings: SUPPORTQA_* env vars)")
     serve.add_argument("--host", default=None, help="bind address (SUPPORTQA_HOST)")
     serve.add_argument("--port", type=int, default=None, help="port, 0 = any (SUPPORTQA_PORT)")
     serve.add_argument("--data-dir", default=None, help="Milvus Lite dir (SUPPORTQA_DATA_DIR)")
     serve.add_argument("--ingest", action="append", default=[], metavar="PATH",
                        help="JSONL knowledge base to load at start-up (repeatable)")
     try:
-        from .evaluation import add_eval_arguments, eval_main
+        from .evaluation import add_eval_arguments
     except ImportError:
-        eval_main = None
+        pass
     else:
-        add_eval_arguments(sub.add_parser("eval", help="score retrieval through the gRPC API"))
-    from .adapt import adapt_main, add_adapt_arguments
+        add_eval_arguments(sub.add_parser("eval", parents=[common],
+                                          help="score retrieval through the gRPC API"))
+    from .adapt import add_adapt_arguments
 
     add_adapt_arguments(sub.add_parser(
-        "adapt", help="fine-tune the text encoder on a knowledge base's paraphrases (offline)"))
-    args = parser.parse_args(argv)
+        "adapt", parents=[common],
+        help="fine-tune the text encoder on a knowledge base's paraphrases (offline)"))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """argv parsed, global options before or after the subcommand; those not given defaulted."""
+    parser = parser or build_parser()
+    # A namespace holding the defaults: the top level and the subcommand overwrite only what
+    # they were given (after the subcommand wins over before it).
+    return parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", NUMPY_BLAS_THREADS)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return _serve(args)
     if args.command == "adapt":
+        from .adapt import adapt_main
+
         return adapt_main(args)
-    assert eval_main is not None
+    from .evaluation import eval_main
+
     return eval_main(args)
 
 

@@ -20,7 +20,8 @@ class TooLarge(SupportQAError):
 
 
 class Overloaded(SupportQAError):
-    """A model's queue is full; the caller should back off and retry."""
+    """A model's queue is full or would make the caller wait too long, or a memory budget is
+    spent; the caller should back off and retry."""
 
 
 class NotAvailable(SupportQAError):
@@ -42,3 +43,7 @@ class WrongModel(SupportQAError):
 
 class NotReady(SupportQAError):
     """The server is still loading models or opening the store."""
+
+
+class DataDirInUse(SupportQAError):
+    """Another process holds the data folder's lock."""

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from supportqa_server.errors import InvalidInput, TooLarge
+from supportqa_server.errors import InvalidInput, Overloaded, TooLarge
 
 # Pillow format ids we decode. Pillow's JPEG opener also returns "MPO" for the multi-picture
 # JPEGs that phone cameras write; it decodes as its first (main) picture.
@@ -37,9 +37,22 @@ _UNDECLARED = {"", "application/octet-stream", "binary/octet-stream", "image/*"}
 
 # Modes with more than 8 bits per sample: Pillow's convert("RGB") clips them instead of scaling.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+# Bytes per pixel of a decoded image by Pillow mode (others: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3,
+               "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_JPEG_SCALES = (2, 4, 8)  # DCT scaling a JPEG decoder does while decoding (Image.draft)
 
 
-def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Peak bytes of decoding a width x height image of ``mode`` into RGB: the decoded pixels,
+    then at most two RGB copies and a mask (transparency laid over white); wide modes add a
+    float32 copy."""
+    extra = 3 + 3 + 1 + (8 if mode in _WIDE_MODES else 0)
+    return width * height * (_MODE_BYTES.get(mode, 4) + extra)
+
+
+def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: int,
+               max_decode_bytes: int = 0) -> Image.Image:
     """Decodes image bytes into an upright RGB picture.
 
     Only the header is read before the size checks, so a decompression bomb is refused before any
@@ -52,6 +65,8 @@ def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: 
             ``application/octet-stream`` when unknown. Parameters after ``;`` are ignored.
         max_bytes: Largest accepted ``len(data)``.
         max_pixels: Largest accepted width x height.
+        max_decode_bytes: Memory the decode may take (`decode_bytes`); a JPEG over it is
+            decoded at a scale that fits, other formats are refused. 0: no limit.
 
     Returns:
         An RGB image, fully decoded.
@@ -60,6 +75,7 @@ def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: 
         InvalidInput: Empty bytes, bytes that are not a supported image, a declared type that is
             not supported or does not match the bytes, or a truncated or corrupt file.
         TooLarge: More than ``max_bytes`` bytes or ``max_pixels`` pixels.
+        Overloaded: Decoding would take more than ``max_decode_bytes``.
     """
     if not data:
         raise InvalidInput("image is empty: send the picture's bytes")
@@ -100,6 +116,20 @@ def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: 
             f"image is {width}x{height} = {width * height / 1e6:.1f} MP; "
             f"the limit is {max_pixels / 1e6:.1f} MP: send a smaller picture"
         )
+    if max_decode_bytes and decode_bytes(img.mode, width, height) > max_decode_bytes:
+        if img.format in ("JPEG", "MPO"):
+            for scale in _JPEG_SCALES:
+                size = (-(-width // scale), -(-height // scale))
+                if decode_bytes("RGB", *size) <= max_decode_bytes:
+                    img.draft("RGB", size)
+                    break
+        if decode_bytes(img.mode, *img.size) > max_decode_bytes:
+            raise Overloaded(
+                f"image is {width}x{height} {img.format}: decoding it would take "
+                f"{decode_bytes(img.mode, width, height) / 2**20:.0f} MiB, over this server's "
+                f"{max_decode_bytes / 2**20:.0f} MiB per image (SUPPORTQA_MAX_IMAGE_DECODE_BYTES)"
+                ": send a smaller picture, or a JPEG"
+            )
 
     try:
         img.load()
@@ -114,31 +144,6 @@ def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: 
         raise InvalidInput(
             f"could not decode the {img.format} image ({e}): the file is truncated or corrupt"
         ) from e
-
-
-def downscale_for_ocr(img: Image.Image, max_side: int) -> Image.Image:
-    """Shrinks an image so that its longer side is at most ``max_side`` pixels.
-
-    Text detection cost grows with pixel count while most photos carry text far taller than the
-    detector needs, so large photos are shrunk before OCR. Smaller images are returned as is.
-
-    Args:
-        img: The picture.
-        max_side: Longest side allowed, in pixels.
-
-    Returns:
-        ``img`` itself when it already fits, else a resized copy with the same aspect ratio.
-    """
-    if max_side < 1:
-        raise ValueError(f"max_side must be at least 1 pixel, got {max_side}")
-    width, height = img.size
-    if max(width, height) <= max_side:
-        return img
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # reducing_gap=3: shrink by an integer factor first (fast box filter), then Lanczos for the
-    # rest; indistinguishable from a full Lanczos at these ratios and several times faster.
-    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -158,9 +163,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Pasted through its alpha onto white: one RGB copy and a mask, not three RGBA copies.
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
+        return background
     if img.mode != "RGB":
         return img.convert("RGB")
     return img

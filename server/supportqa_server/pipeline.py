@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from .batching import MicroBatcher
-from .errors import InvalidInput, NotAvailable, NotReady, SupportQAError, TooLarge
+from .errors import (
+    Cancelled,
+    DataDirInUse,
+    InvalidInput,
+    NotAvailable,
+    NotReady,
+    Overloaded,
+    SupportQAError,
+    TooLarge,
+)
 from .head import EntryHead, HeadTrainer, word_rows
 from .rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
 from .settings import DEFAULT_KB, KB_NAME_PATTERN, Settings
@@ -48,6 +60,7 @@ LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most t
 # rather than after each one.
 HEAD_SETTLE_S = 1.0
 MAX_QUESTIONS = 200  # paraphrases per entry
+WRITE_ENCODE_TEXTS = 32  # texts of a write embedded per model-thread job (one encode chunk)
 _KB_RE = re.compile(KB_NAME_PATTERN)
 
 
@@ -204,6 +217,32 @@ class Component:
     detail: str = ""
 
 
+def lock_data_dir(data_dir: Path):
+    """Takes the data folder's lock (an flock on data_dir/.lock, released when the process
+    ends, however it ends); returns the open lock file.
+
+    Raises:
+        DataDirInUse: another process holds it; the message names its pid.
+    """
+    f = (data_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise DataDirInUse(
+            f"data folder {data_dir} is in use by another process (pid {holder}): stop it, "
+            "or give this server its own SUPPORTQA_DATA_DIR (replicas share a Milvus server "
+            "through SUPPORTQA_MILVUS_URI, not a folder)"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def _dtype_name(dtype) -> str:
     """"bfloat16" for torch.bfloat16 (the pipeline keeps torch out of its imports)."""
     return str(dtype).removeprefix("torch.")
@@ -262,6 +301,8 @@ class Pipeline:
         self._heads: dict[str, EntryHead] = {}  # per knowledge base, maybe behind its writes
         self._head_tasks: dict[str, asyncio.Task] = {}
         self._head_off: dict[str, int] = {}  # knowledge base -> revision it cannot have one at
+        self._buffered_audio = 0  # bytes all open Converse streams hold, against a budget
+        self._lock = None  # the open lock file of the data folder (Milvus Lite)
 
     # Start-up and shutdown
 
@@ -287,6 +328,7 @@ class Pipeline:
         uri = s.milvus_uri
         if not uri:
             s.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_data_dir(s.data_dir)
             uri = str((s.data_dir / "milvus.db").resolve())
         self.store = KnowledgeStore(
             uri, self.encoder.dim, token=s.milvus_token, db_name=s.milvus_db, lexical=s.lexical,
@@ -347,10 +389,11 @@ class Pipeline:
         await loop.run_in_executor(self._model_exec, self.load)
         s = self.settings
 
-        def batcher(name: str, fn, executor, max_batch: int, max_wait_ms: float) -> None:
+        def batcher(name: str, fn, executor, max_batch: int, max_wait_ms: float,
+                    max_queue_ms: float = s.max_queue_ms) -> None:
             self._batchers[name] = MicroBatcher(
                 fn, executor=executor, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                max_queue=s.max_queue, name=name,
+                max_queue=s.max_queue, max_queue_ms=max_queue_ms, name=name,
             )
 
         # A question's search runs in its encoder batch's job, on the model thread: on 2 cores
@@ -360,9 +403,10 @@ class Pipeline:
                 s.max_wait_ms)
         if self.speech is not None:
             batcher("speech", self._transcribe_batch, self._model_exec,
-                    s.speech_max_batch, s.speech_max_wait_ms)
+                    s.speech_max_batch, s.speech_max_wait_ms, s.speech_max_queue_ms)
         if self.reader is not None:
-            batcher("ocr", self._read_batch, self._ocr_exec, s.ocr_max_batch, 0.0)
+            batcher("ocr", self._read_batch, self._ocr_exec, s.ocr_max_batch, 0.0,
+                    s.speech_max_queue_ms)
         if self.image_encoder is not None:
             batcher("image encoder", self._embed_image_batch, self._model_exec, s.max_batch,
                     s.max_wait_ms)
@@ -388,6 +432,9 @@ class Pipeline:
             None, functools.partial(self._store_exec.shutdown, wait=True, cancel_futures=True))
         if self.store is not None:
             self.store.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the data folder's lock
+            self._lock = None
         for ex in (self._model_exec, self._ocr_exec, self._decode_exec):
             ex.shutdown(wait=False)
 
@@ -682,7 +729,8 @@ class Pipeline:
             image = await asyncio.get_running_loop().run_in_executor(
                 self._decode_exec,
                 lambda: load_image(req.image.data, req.image.mime_type,
-                                   max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels),
+                                   max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+                                   max_decode_bytes=s.max_image_decode_bytes),
             )
             timings.decode_us += _us(t0)
             if self.reader is not None:
@@ -803,10 +851,22 @@ class Pipeline:
         self, messages: AsyncIterator[ConverseMessage], timeout: float | None
     ) -> AsyncIterator[Event]:
         """Answers a question spoken as a stream of audio chunks (see the Converse rpc)."""
-        from .audio import decode_audio, pcm16_samples, speech_end
 
         t_start = time.perf_counter()
-        first = await anext(messages, None)
+        idle = self.settings.stream_idle_seconds
+
+        async def receive():
+            """The next message, or None at the stream's end; a stream silent for longer than
+            SUPPORTQA_STREAM_IDLE_SECONDS is ended, so an idle caller holds no buffer."""
+            try:
+                return await asyncio.wait_for(anext(messages, None), idle)
+            except TimeoutError:
+                raise Cancelled(
+                    f"the Converse stream sent nothing for {idle:g} s and was closed: send "
+                    "audio as it is captured, and EndOfUtterance when the caller is done"
+                ) from None
+
+        first = await receive()
         if not isinstance(first, ConverseStart):
             raise InvalidInput("the first Converse message must be a ConverseConfig")
         if first.request.text or first.request.audio or first.request.image:
@@ -818,56 +878,87 @@ class Pipeline:
             )
         req = replace(self.check(first.request, audio_expected=True), timeout=timeout)
         s = self.settings
-        pcm = first.format == "pcm16"
-        channels = first.channels or 1
-        # Bytes of PCM16 per second of audio and the most a question may send.
-        bytes_per_s = 2 * channels * first.sample_rate_hz if pcm else 0
-        max_bytes = int(bytes_per_s * s.max_audio_seconds) if pcm else s.max_message_bytes
+        # The most one utterance may buffer: max_audio_seconds of PCM16, and for every format
+        # the per-stream budget.
+        max_bytes = s.max_stream_audio_bytes
+        if first.format == "pcm16":
+            per_s = 2 * (first.channels or 1) * first.sample_rate_hz  # bytes per second
+            max_bytes = min(max_bytes, int(per_s * s.max_audio_seconds))
         timings = Timings()
         yield Accepted(uuid.uuid4().hex)
         buf = bytearray()
-        partial: asyncio.Task | None = None
-        partial_at = 0  # buffer length at the last partial transcript, bytes
-
-        def decode_now() -> np.ndarray:
-            usable = len(buf) - len(buf) % (2 * channels) if pcm else len(buf)
-            return decode_audio(bytes(buf[:usable]), first.format, first.sample_rate_hz,
-                                channels, max_seconds=s.max_audio_seconds)
-
-        async for msg in messages:
-            if isinstance(msg, EndOfUtterance):
-                break
-            if isinstance(msg, ConverseStart):
-                raise InvalidInput("ConverseConfig may only be the first message")
-            buf += msg
-            if len(buf) > max_bytes:
-                raise TooLarge(
-                    f"the utterance is longer than {s.max_audio_seconds:g} s; end it with "
-                    "EndOfUtterance or use end_silence_ms"
-                )
-            if partial is not None and partial.done():
-                heard = partial.result()
-                partial = None
-                if heard is not None and heard.text:
-                    yield Transcript(heard.text, heard.language, False)
-            if not pcm:
-                continue
-            # The audio so far, unjudged: a silent or very short start is not an error yet.
-            samples = pcm16_samples(bytes(buf), first.sample_rate_hz, channels)
-            if first.end_silence_ms and speech_end(samples, silence_ms=first.end_silence_ms):
-                break
-            if partial is None and len(buf) - partial_at >= bytes_per_s * s.partial_seconds:
-                partial_at = len(buf)
-                partial = asyncio.create_task(self._partial(samples, req))
-        if partial is not None:
-            partial.cancel()
+        try:
+            async for ev in self._receive_utterance(receive, first, req, buf, max_bytes):
+                yield ev
+        finally:
+            self._buffered_audio -= len(buf)
         if not buf:
             raise InvalidInput("the utterance holds no audio: send audio_chunk messages")
         t0 = time.perf_counter()
-        clip = await asyncio.get_running_loop().run_in_executor(self._decode_exec, decode_now)
+        clip = await asyncio.get_running_loop().run_in_executor(
+            self._decode_exec, self._decode_buffer, bytes(buf), first)
+        del buf[:]
         timings.decode_us += _us(t0)
         async for ev in self._answer(req, clip, timings, t_start):
             yield ev
+
+    def _decode_buffer(self, data: bytes, first: ConverseStart) -> np.ndarray:
+        from .audio import decode_audio
+
+        channels = first.channels or 1
+        usable = len(data) - len(data) % (2 * channels) if first.format == "pcm16" else len(data)
+        return decode_audio(data[:usable], first.format, first.sample_rate_hz, channels,
+                            max_seconds=self.settings.max_audio_seconds)
+
+    async def _receive_utterance(self, receive, first: ConverseStart, req: AskRequest,
+                                 buf: bytearray, max_bytes: int) -> AsyncIterator[Event]:
+        """Buffers a Converse stream's audio into ``buf`` until the utterance ends; yields
+        partial transcripts. Counts the buffer against the server's audio budget."""
+        from .audio import pcm16_samples, speech_end
+
+        s = self.settings
+        pcm = first.format == "pcm16"
+        channels = first.channels or 1
+        bytes_per_s = 2 * channels * first.sample_rate_hz if pcm else 0
+        partial: asyncio.Task | None = None
+        partial_at = 0  # buffer length at the last partial transcript, bytes
+        try:
+            while (msg := await receive()) is not None:
+                if isinstance(msg, EndOfUtterance):
+                    break
+                if isinstance(msg, ConverseStart):
+                    raise InvalidInput("ConverseConfig may only be the first message")
+                if len(buf) + len(msg) > max_bytes:
+                    raise TooLarge(
+                        f"the utterance is longer than {s.max_audio_seconds:g} s or "
+                        f"{max_bytes / 2**20:.0f} MiB; end it with EndOfUtterance or use "
+                        "end_silence_ms"
+                    )
+                if self._buffered_audio + len(msg) > s.max_buffered_audio_bytes:
+                    raise Overloaded(
+                        f"this server holds {s.max_buffered_audio_bytes / 2**20:.0f} MiB of "
+                        "streamed audio already (SUPPORTQA_MAX_BUFFERED_AUDIO_BYTES); retry with "
+                        "backoff"
+                    )
+                buf += msg
+                self._buffered_audio += len(msg)
+                if partial is not None and partial.done():
+                    heard = partial.result()
+                    partial = None
+                    if heard is not None and heard.text:
+                        yield Transcript(heard.text, heard.language, False)
+                if not pcm:
+                    continue
+                # The audio so far, unjudged: a silent or very short start is not an error yet.
+                samples = pcm16_samples(bytes(buf), first.sample_rate_hz, channels)
+                if first.end_silence_ms and speech_end(samples, silence_ms=first.end_silence_ms):
+                    break
+                if partial is None and len(buf) - partial_at >= bytes_per_s * s.partial_seconds:
+                    partial_at = len(buf)
+                    partial = asyncio.create_task(self._partial(samples, req))
+        finally:
+            if partial is not None:
+                partial.cancel()
 
     async def _partial(self, samples: np.ndarray, req: AskRequest):
         try:
@@ -914,7 +1005,14 @@ class Pipeline:
         texts = [[t for _, t in e.texts()] for e in entries]
         flat = [t for ts in texts for t in ts]
         assert self.encoder is not None
-        vecs = await loop.run_in_executor(self._model_exec, self.encoder.encode_sorted, flat)
+        # A slice of WRITE_ENCODE_TEXTS at a time, each its own job on the model thread:
+        # questions' batches run between the slices, so a bulk ingest holds a question back
+        # by one slice, not by its whole batch of entries.
+        vecs = np.concatenate([
+            await loop.run_in_executor(
+                self._model_exec, self.encoder.encode_sorted, flat[i : i + WRITE_ENCODE_TEXTS])
+            for i in range(0, len(flat), WRITE_ENCODE_TEXTS)
+        ])
         per_entry = _split(vecs, [len(ts) for ts in texts])
         see = None
         if self.image_encoder is not None:
@@ -944,7 +1042,8 @@ class Pipeline:
                         self._decode_exec,
                         lambda img=img: load_image(img.data, img.mime_type,
                                                    max_bytes=s.max_image_bytes,
-                                                   max_pixels=s.max_image_pixels),
+                                                   max_pixels=s.max_image_pixels,
+                                   max_decode_bytes=s.max_image_decode_bytes),
                     ))
                 except (InvalidInput, TooLarge) as err:
                     raise type(err)(f"entry {e.id!r}, image {j + 1}: {err}") from err

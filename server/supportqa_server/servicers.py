@@ -13,6 +13,7 @@ from supportqa.v1 import supportqa_pb2_grpc as pb_grpc
 from . import converters as conv
 from .errors import (
     Cancelled,
+    DataDirInUse,
     InvalidInput,
     NotAvailable,
     NotFound,
@@ -47,6 +48,7 @@ STATUS_OF: dict[type[SupportQAError], grpc.StatusCode] = {
     WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Cancelled: grpc.StatusCode.DEADLINE_EXCEEDED,
+    DataDirInUse: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -58,13 +58,24 @@ class Settings(BaseSettings):
     speech_lm_weight: float = Field(0.3, ge=0.0, le=2.0)
     clip_model: str = ""  # CLIP path or hub id (e.g. openai/clip-vit-base-patch32); "" off
     ocr: bool = True  # read text from images with rapidocr
-    preload: bool = True  # load every configured model before reporting SERVING
 
     # Limits on what a question may carry
     max_text_chars: int = 2000  # characters of question text
     max_audio_seconds: float = 60.0  # seconds of speech per question
     max_image_bytes: int = 20 * 1024 * 1024  # encoded image size
     max_image_pixels: int = 40_000_000  # width*height, against decompression bombs
+    # Memory one image may take while it is decoded (pixels x bytes per pixel, plus the RGB
+    # copy). A JPEG over it is decoded at 1/2, 1/4 or 1/8 scale instead; other formats are
+    # refused (RESOURCE_EXHAUSTED). 160 MiB: a 4K RGBA screenshot takes 66 MB.
+    max_image_decode_bytes: int = 160 * 1024 * 1024
+    # Converse: a stream that sends nothing for this long is ended (DEADLINE_EXCEEDED).
+    stream_idle_seconds: float = Field(30.0, gt=0.0)
+    # Converse: audio one stream may buffer before it is decoded (compressed formats, whose
+    # seconds are unknown until decoded; PCM is limited by max_audio_seconds as well).
+    # 12 MiB: 60 s of 48 kHz stereo WAV.
+    max_stream_audio_bytes: int = 12 * 1024 * 1024
+    # Converse: audio all open streams may buffer together; beyond it RESOURCE_EXHAUSTED.
+    max_buffered_audio_bytes: int = 256 * 1024 * 1024
 
     # Ranking (chosen on BANKING77 / CLINC150 dev: docs/evaluation.md)
     # NoAnswer below it: best NoAnswer F1 on CLINC150 val, bundled MiniLM with the entry head
@@ -104,6 +115,13 @@ class Settings(BaseSettings):
     # (2 ms cost 3 ms of p50 at concurrency 1 and gained nothing at 32: docs/bench_text.md).
     max_wait_ms: float = 0.0
     max_queue: int = 512  # queued items per model; beyond it RESOURCE_EXHAUSTED
+    # A text or image question whose estimated wait for its model (queued batches x measured
+    # batch time) passes this, or its own deadline, is refused at once with
+    # RESOURCE_EXHAUSTED: under overload callers hear "retry" in milliseconds, and those
+    # accepted keep their latency. 0: no limit but the deadline.
+    max_queue_ms: float = Field(1000.0, ge=0.0)
+    # The same for the slow models, Whisper and OCR, whose batches take 0.1-2 s.
+    speech_max_queue_ms: float = Field(5000.0, ge=0.0)
     speech_max_batch: int = 8  # clips per Whisper call
     # A Whisper call takes ~100-400 ms: waiting a little for more clips costs less than
     # running a half-empty batch (docs/bench_server_voice.md). Only spent after a batch of

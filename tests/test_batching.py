@@ -177,17 +177,17 @@ async def test_an_item_that_would_wait_past_its_limit_is_refused_at_once(executo
     is set, as if measured."""
     gate, b, first = await _holding_first(executor, max_batch=2, max_queue=100,
                                           max_queue_ms=2500)
-    b.batch_s = 1.0  # as if every batch took a second
-    # Three queued: the running batch's rest (<= 1 s) and one full batch before a new item.
+    b.item_s = 0.5  # as if every item took half a second: a batch of two, a second
+    # Three queued: the running item's rest (<= 0.5 s) and one full batch before a new item.
     queued = [asyncio.create_task(b.submit(i)) for i in range(1, 4)]
     await asyncio.sleep(0)
-    assert 1.0 <= b.expected_wait() <= 2.0
+    assert 1.0 <= b.expected_wait() <= 1.5
     with pytest.raises(Overloaded, match="past its deadline"):
         await b.submit(9, timeout=0.5)
     queued.append(asyncio.create_task(b.submit(4)))  # fits: it joins item 3's batch
     await asyncio.sleep(0)
-    assert 2.0 <= b.expected_wait() <= 3.0
-    b.batch_s = 1.5  # slower batches: a new item now waits 3-4.5 s
+    assert 2.0 <= b.expected_wait() <= 2.5
+    b.item_s = 0.75  # slower items: a new item now waits 3-3.75 s
     with pytest.raises(Overloaded, match="2.5 s queue limit"):
         await b.submit(6)
     assert b.stats.rejected == 2

@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from test_durability import SERVER, start
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import math
+import random
 import sys
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from supportqa.v1 import supportqa_pb2, supportqa_pb2_grpc
 Question = supportqa_pb2.Question
 
 MODES = ("unary", "stream")
+RETRY_LATER = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # a caller with backoff waits after these
 
 # The API key travels as "authorization: Bearer <key>", as supportqa.client sends it.
 API_KEY_METADATA = "authorization"
@@ -120,7 +122,8 @@ def summarize(
     Returns:
         The report: ``requests``, ``ok``, ``rps``, ``latency_ms`` {p50, p90, p99, max},
         ``errors`` {status name: count}, ``duration_s``, ``mode``, ``concurrency``,
-        ``channels``, ``target``, ``warmup``, and for streams ``ttfe_ms`` and ``ttfa_ms``
+        ``channels``, ``target``, ``warmup``, ``refused_ms`` {p50, p99} (how long a
+        RESOURCE_EXHAUSTED took to arrive), and for streams ``ttfe_ms`` and ``ttfa_ms``
         {p50, p99} (time to the first event, and to the first Answer or NoAnswer).
         Percentiles are None when no call succeeded.
     """
@@ -128,6 +131,7 @@ def summarize(
     latencies = [s.latency_s for s in ok]
     latency_ms = _ms_percentiles(latencies, (50, 90, 99))
     latency_ms["max"] = round(max(latencies) * 1000, 3) if latencies else None
+    refused = [s.latency_s for s in samples if s.code == "RESOURCE_EXHAUSTED"]
     report = {
         "target": target,
         "mode": mode,
@@ -140,6 +144,7 @@ def summarize(
         "rps": round(len(samples) / elapsed_s, 3) if elapsed_s > 0 else 0.0,
         "latency_ms": latency_ms,
         "errors": dict(sorted(Counter(s.code for s in samples if s.code != "OK").items())),
+        "refused_ms": _ms_percentiles(refused, (50, 99)),
     }
     if mode == "stream":
         report["ttfe_ms"] = _ms_percentiles(
@@ -238,6 +243,7 @@ async def _phase(
     duration_s: float | None,
     timeout: float,
     metadata: Sequence[tuple[str, str]] | None,
+    backoff_s: float = 0.0,
 ) -> tuple[list[Sample], float]:
     loop = asyncio.get_running_loop()
     end = loop.time() + duration_s if duration_s is not None else math.inf
@@ -246,11 +252,19 @@ async def _phase(
 
     async def caller(index: int) -> None:
         stub = stubs[index % len(stubs)]
+        refusals = 0  # in a row
+        jitter = random.Random(index)
         while loop.time() < end:
             i = next(tickets)
             if requests is not None and i >= requests:
                 return
-            samples.append(await call(stub, questions[i % len(questions)], timeout, metadata))
+            sample = await call(stub, questions[i % len(questions)], timeout, metadata)
+            samples.append(sample)
+            refusals = refusals + 1 if sample.code in RETRY_LATER else 0
+            if refusals and backoff_s > 0:
+                # Exponential with jitter, as gRPC's retry policy: base x 2^n, at most 32x.
+                wait = backoff_s * 2 ** min(refusals - 1, 5) * jitter.uniform(0.5, 1.0)
+                await asyncio.sleep(min(wait, max(0.0, end - loop.time())))
 
     start = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
@@ -269,6 +283,7 @@ async def run_load(
     warmup: int = 0,
     metadata: Sequence[tuple[str, str]] | None = None,
     channels: int = 1,
+    backoff_s: float = 0.0,
 ) -> dict:
     """Runs concurrent callers against an Answering server and reports throughput and latency.
 
@@ -288,6 +303,8 @@ async def run_load(
         warmup: Calls made before measuring.
         metadata: gRPC metadata sent with every call, e.g. the API key.
         channels: Number of gRPC channels (TCP connections); caller i uses channel i mod K.
+        backoff_s: After RESOURCE_EXHAUSTED or UNAVAILABLE a caller waits this long, doubled
+            for each refusal in a row (at most 32x), with jitter; 0: it calls again at once.
 
     Returns:
         The report described in ``summarize``.
@@ -322,7 +339,8 @@ async def run_load(
                 f"could not connect to {target} within {timeout:g} s; is the server running?"
             ) from e
         stubs = [supportqa_pb2_grpc.AnsweringStub(channel) for channel in pool]
-        common = {"concurrency": concurrency, "timeout": timeout, "metadata": metadata}
+        common = {"concurrency": concurrency, "timeout": timeout, "metadata": metadata,
+                  "backoff_s": backoff_s}
         if warmup:
             await _phase(stubs, questions, call, requests=warmup, duration_s=None, **common)
         samples, elapsed = await _phase(

@@ -78,12 +78,14 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue = max_queue
         self.max_queue_s = max_queue_ms / 1000.0  # 0: no limit but the caller's deadline
         self.name = name
-        self.batch_s = 0.0  # median run time of the recent batches, seconds; 0 until measured
-        # Run times of the last BATCH_TIMES batches but the first (it warms the model up:
-        # lazy initialisation, a speech language model built). A median, so one slow batch
-        # (a language-model rebuild, a GC pause) does not turn callers away.
+        # Seconds of model time per item: the median over the last BATCH_TIMES batches but
+        # the first (it warms the model up: lazy initialisation, a speech language model
+        # built), so one slow batch (a language-model rebuild, a GC pause) does not turn
+        # callers away. 0 until measured.
+        self.item_s = 0.0
         self._times: collections.deque[float] = collections.deque(maxlen=BATCH_TIMES)
         self._warm = False
+        self._running_n = 0  # items in the batch running now
         self._running_since: float | None = None  # monotonic start of the batch running now
         self.stats = BatchStats()
         self._last_size = 0  # items in the batch before: > 1 means callers are concurrent
@@ -130,14 +132,16 @@ class MicroBatcher(Generic[T, R]):
         return await pending.future
 
     def expected_wait(self) -> float:
-        """Seconds a new item would wait before its batch starts, from the measured batch
-        time: what is left of the running batch plus one batch per max_batch queued items."""
-        if not self.batch_s:
+        """Seconds a new item would wait before its batch starts, from the measured time per
+        item: what is left of the running batch, plus the full batches queued before it (a
+        partly filled last batch runs together with the new item)."""
+        if not self.item_s:
             return 0.0
         left = 0.0
-        if self._running_since is not None:
-            left = max(0.0, self.batch_s - (time.monotonic() - self._running_since))
-        return left + (len(self._queue) // self.max_batch) * self.batch_s
+        if (since := self._running_since) is not None:
+            left = max(0.0, self._running_n * self.item_s - (time.monotonic() - since))
+        ahead = len(self._queue) - len(self._queue) % self.max_batch
+        return left + ahead * self.item_s
 
     async def close(self) -> None:
         """Stops the worker; queued items get Cancelled."""
@@ -178,8 +182,8 @@ class MicroBatcher(Generic[T, R]):
             took = time.perf_counter() - t0
             self.stats.busy_s += took
             if self._warm:
-                self._times.append(took)
-                self.batch_s = statistics.median(self._times)
+                self._times.append(took / max(1, len(items)))
+                self.item_s = statistics.median(self._times)
             self._warm = True
             self._running_since = None
 
@@ -211,6 +215,7 @@ class MicroBatcher(Generic[T, R]):
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.sizes[len(batch)] += 1
+            self._running_n = len(batch)
             started = self._running_since = time.monotonic()
             self.stats.waited_s += sum(started - p.queued for p in batch)
             try:

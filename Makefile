@@ -45,14 +45,14 @@ gen-proto:
 	$(BIN)/python scripts/gen_proto.py clients
 
 lint: setup
-	$(BIN)/ruff check clients server tests benchmarks
+	$(BIN)/ruff check clients server tools tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/bench_text.py
 	$(BIN)/python benchmarks/bench_server_voice.py --rounds 6
-	$(BIN)/python benchmarks/bench_whisper.py > docs/bench_voice.md
-	$(BIN)/python benchmarks/bench_ocr.py > docs/bench_ocr.md
-	$(BIN)/python benchmarks/collect.py
+	$(BIN)/python benchmarks/bench_whisper.py > docs/benchmarks/voice.md
+	$(BIN)/python benchmarks/bench_ocr.py > docs/benchmarks/ocr.md
+	$(BIN)/python benchmarks/bench_overload.py
 
 eval: setup
 	$(BIN)/supportqa-server eval --kb ../shared/data/text/banking77/train.csv \

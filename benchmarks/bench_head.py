@@ -23,7 +23,7 @@ from tune_rank import embed, load  # noqa: E402
 
 
 def main() -> int:
-    from supportqa_server.head import HeadTrainer
+    from supportqa_server.answering.head import HeadTrainer
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default="banking77", choices=["banking77", "clinc150"])

@@ -125,7 +125,7 @@ def banking() -> dict[str, list[str]]:
 
 def make_data(n_rows: int, kind: str, seed: int = 0):
     import numpy as np
-    from supportqa_server.store import EntryData
+    from supportqa_server.knowledge.store import EntryData
 
     rng = np.random.default_rng(seed)
     texts = banking()
@@ -236,7 +236,7 @@ def run_case(n_rows: int, kind: str, index: str, budget_s: float) -> dict:
     import milvus_lite
     import numpy as np
     import pymilvus
-    from supportqa_server.store import KnowledgeStore, _rows_name
+    from supportqa_server.knowledge.store import KnowledgeStore, _rows_name
 
     res: dict = {
         "milvus_lite": milvus_lite.__version__, "pymilvus": pymilvus.__version__,

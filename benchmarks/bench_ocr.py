@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from supportqa_server.ocr import TextReader, joined_text  # noqa: E402
+from supportqa_server.vision.ocr import TextReader, joined_text  # noqa: E402
 from test_ocr import (  # noqa: E402
     CH_EN_NUM_TEXT,
     DIALOG_TEXT,

@@ -5,7 +5,7 @@ A batched and a serial server run side by side and are measured in turn, ``--rep
 times, so drift on this shared machine falls on both alike; the table gives medians and the
 ratio's median and range over the repeats.
 
-Usage: python benchmarks/bench_server_voice.py [--out docs/bench_server_voice.md]
+Usage: python benchmarks/bench_server_voice.py [--out docs/benchmarks/server_voice.md]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> int:
     args = ap.parse_args()
     from supportqa.client import SupportClient
     from supportqa.knowledge_file import read_entries
-    from supportqa_server.synth import synthesize_speech
+    from supportqa_tools.synth import synthesize_speech
 
     clips = [synthesize_speech(q) for q in QUESTIONS]
     lines = [

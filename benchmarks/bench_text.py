@@ -1,7 +1,7 @@
 """Text throughput: server QPS/latency with batching on vs off, against the encoder/search ceiling.
 
 Every comparison is measured in this one run (the machines are noisy): quote ratios.
-Usage: python benchmarks/bench_text.py [--duration 10] [--out docs/bench_text.md]
+Usage: python benchmarks/bench_text.py [--duration 10] [--out docs/benchmarks/text.md]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Server:
         """Waits while the server trains entry heads (after start-up or writes): that CPU
         would land in the first load point, and its answers would rank without a head."""
         from supportqa.client import AsyncSupportClient
-        from supportqa_server.evaluation import wait_for_head
+        from supportqa_tools.evaluation import wait_for_head
 
         async def wait() -> None:
             async with AsyncSupportClient(self.target) as c:
@@ -93,8 +93,8 @@ class Server:
 def ceiling(data_dir: Path, kb: str, queries: list[str]) -> dict:
     """Encoder alone (best batch) and Milvus search alone, in this process."""
     import torch
-    from supportqa_server.encoder import TextEncoder
-    from supportqa_server.store import KnowledgeStore
+    from supportqa_server.knowledge.store import KnowledgeStore
+    from supportqa_server.runtime.encoder import TextEncoder
 
     torch.set_num_threads(os.cpu_count() or 1)
     enc = TextEncoder()
@@ -136,7 +136,11 @@ def encode_one_ms(enc, queries: list[str]) -> float:
 def search_limits() -> tuple[int, int]:
     """Rows the server asks Milvus for a typed question, top_k=5, its entry head ready:
     (dense, BM25)."""
-    from supportqa_server.pipeline import LEXICAL_ROWS, MIN_ROWS_HEAD, ROWS_PER_ANSWER_HEAD
+    from supportqa_server.answering.pipeline import (
+        LEXICAL_ROWS,
+        MIN_ROWS_HEAD,
+        ROWS_PER_ANSWER_HEAD,
+    )
 
     return max(MIN_ROWS_HEAD, 5 * ROWS_PER_ANSWER_HEAD), LEXICAL_ROWS
 
@@ -173,8 +177,8 @@ def lone_in_turns(target: str, floor_dir: Path, kb: str, queries: list[str], tur
     """A lone caller's p50 against the floor (one sentence's encode + its search, in this
     process on a copy of the knowledge base), measured in alternating turns: the machine's
     speed drifts 10-20% within minutes, and the c=1 point and the ceiling lie minutes apart."""
-    from supportqa_server.encoder import TextEncoder
-    from supportqa_server.store import KnowledgeStore
+    from supportqa_server.knowledge.store import KnowledgeStore
+    from supportqa_server.runtime.encoder import TextEncoder
 
     enc = TextEncoder()
     store = KnowledgeStore(str(floor_dir / "milvus.db"), enc.dim)

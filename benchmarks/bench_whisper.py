@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import SHARED_DATA  # noqa: E402
-from supportqa_server.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from supportqa_server.whisper_convert import BUNDLED, bundled_model_dir, package_dir  # noqa: E402
+from supportqa_server.speech.audio import SAMPLE_RATE, decode_audio  # noqa: E402
+from supportqa_server.speech.whisper_convert import BUNDLED, bundled_model_dir, package_dir  # noqa: E402
 from test_transcribe import word_error_rate  # noqa: E402
 
 SPEECH = SHARED_DATA / "speech"
@@ -73,7 +73,7 @@ def timed(fn, *args):
 
 
 def _auto_precision() -> str:
-    from supportqa_server.devices import resolve_precision
+    from supportqa_server.runtime.devices import resolve_precision
 
     return str(resolve_precision("auto", "cpu")).removeprefix("torch.")
 
@@ -84,7 +84,7 @@ def ours(model: str, cache_dir: Path, kb_texts: list[str]) -> list[Config]:
     ``kb_texts``) and its parts."""
     import torch
     import whisper
-    from supportqa_server.transcribe import SpeechRecognizer
+    from supportqa_server.speech.transcribe import SpeechRecognizer
 
     rec = SpeechRecognizer(model, "cpu", cache_dir=cache_dir)  # the server's precision
     # float32 beside it when the server's (auto) precision is another one
@@ -217,7 +217,7 @@ def faster_model_dir(model: str, tmp: Path) -> Path:
 
 def synthetic_questions(n: int, cache: Path) -> tuple[list[np.ndarray], list[str]]:
     """banking77 questions spoken by espeak-ng (two voices, two speeds) with hiss and pauses."""
-    from supportqa_server import synth
+    from supportqa_tools import synth
 
     with open(SPEECH.parent / "text" / "banking77" / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))

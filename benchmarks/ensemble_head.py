@@ -5,7 +5,7 @@ On an eval split (as `supportqa-server eval` builds it), with the shipped rankin
 2. a logistic-regression head trained on the knowledge base's rows over both encoders'
    embeddings side by side, alone and added (times --head-weight) to the averaged ranking's
    entry scores.
-docs/evaluation.md ("Session 5") quotes its BANKING77 figures. The head's C and weight were
+docs/benchmarks/quality.md ("Session 5") quotes its BANKING77 figures. The head's C and weight were
 chosen on dev, so the figures are optimistic. Needs scikit-learn.
 
 Usage: python benchmarks/ensemble_head.py MODEL_A MODEL_B [--data banking77] [--mix 0.5]
@@ -34,8 +34,8 @@ def main() -> int:
     ap.add_argument("--head-weight", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
-    from supportqa_server.rank import rank
-    from supportqa_server.settings import Settings
+    from supportqa_server.answering.rank import RankOptions, rank
+    from supportqa_server.runtime.settings import Settings
 
     entries, queries, na = load(args.data)
     rows = [(e.id, kind, text) for e in entries for kind, text in e.texts()]
@@ -48,7 +48,7 @@ def main() -> int:
         query_vecs.append(embed(texts, m, tag + "-queries"))
     sims = [q @ r.T for q, r in zip(query_vecs, row_vecs, strict=True)]
     bm = BM25([t for _, _, t in rows])
-    opts = Settings().rank_options()
+    opts = RankOptions.from_settings(Settings())
     for w in args.mix:
         hits = route_hits(rows, (1 - w) * sims[0] + w * sims[1], texts, bm, 200, 50)
         prepared = [(q.label, d, lex, None) for q, (d, lex) in zip(queries, hits, strict=True)]

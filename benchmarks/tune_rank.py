@@ -33,10 +33,14 @@ CACHE = ROOT / ".cache" / "tune"
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
+NEUTRAL = dict(aggregation="max", top_rows=2, knn=10, knn_temperature=0.05, fusion="rrf",
+               lexical_weight=0.0, confidence="best", margin_weight=0.0, head_weight=0.0)
+
+
 def load(name: str, seed: int = 13, kb_file: str = "", kb_splits=(), q_splits=()):
     """(entries as EntryData, queries as Example, no-answer label) exactly as `eval` builds them."""
-    from supportqa_server.evaluation import build_dataset, build_entries, read_examples
-    from supportqa_server.store import EntryData
+    from supportqa_server.knowledge.store import EntryData
+    from supportqa_tools.evaluation import build_dataset, build_entries, read_examples
 
     if name == "banking77":
         ex = read_examples(DATA / "banking77" / "train.csv")
@@ -58,7 +62,7 @@ def load(name: str, seed: int = 13, kb_file: str = "", kb_splits=(), q_splits=()
 
 
 def embed(texts: list[str], model: str, tag: str) -> np.ndarray:
-    from supportqa_server.encoder import TextEncoder
+    from supportqa_server.runtime.encoder import TextEncoder
 
     key = hashlib.sha1(("\n".join(texts) + "\0" + model).encode()).hexdigest()[:16]
     path = CACHE / f"{tag}-{key}.npy"
@@ -124,7 +128,7 @@ def prepare(name: str, model: str, max_rows: int, lexical: bool, head_c: float =
     hits = route_hits(rows, qv @ rv.T, [q.text for q in queries], bm, max_rows)
     heads = [None] * len(queries)
     if head_c:
-        from supportqa_server.head import train_head
+        from supportqa_server.answering.head import train_head
 
         t0 = time.perf_counter()
         head = train_head(rv, [r[0] for r in rows], c=head_c,
@@ -141,7 +145,7 @@ def route_hits(rows, sims: np.ndarray, texts: list[str], bm: BM25 | None, k: int
 
     rows: (entry_id, kind, text) per row; sims: (Q, R) cosines of the questions to the rows.
     """
-    from supportqa_server.store import RowHit
+    from supportqa_server.knowledge.store import RowHit
 
     k = min(k, len(rows))
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
@@ -159,14 +163,14 @@ def route_hits(rows, sims: np.ndarray, texts: list[str], bm: BM25 | None, k: int
 
 
 def evaluate(prepared, na, opts, rows: int, threshold: float | None = None) -> dict:
-    from supportqa_server.evaluation import (
+    from supportqa_server.answering.rank import rank
+    from supportqa_tools.evaluation import (
         Outcome,
         apply_threshold,
         compute_metrics,
         sweep_thresholds,
         threshold_grid,
     )
-    from supportqa_server.rank import rank
 
     outcomes = []
     t0 = time.perf_counter()
@@ -206,8 +210,8 @@ def evaluate(prepared, na, opts, rows: int, threshold: float | None = None) -> d
 def cost(name: str, model: str, data_dir: str, n: int, grid: dict) -> None:
     """Milliseconds per question of the store's search (dense alone, + BM25; 200 and 1000
     rows) and of rank() per option set, on the eval store in data_dir (no server running)."""
-    from supportqa_server.rank import rank
-    from supportqa_server.store import KnowledgeStore
+    from supportqa_server.answering.rank import rank
+    from supportqa_server.knowledge.store import KnowledgeStore
 
     entries, queries, _ = load(name)
     tag = f"{name}-{Path(model).name or 'minilm'}"
@@ -235,8 +239,8 @@ def cost(name: str, model: str, data_dir: str, n: int, grid: dict) -> None:
 
 
 def main() -> None:
-    from supportqa_server.rank import RankOptions
-    from supportqa_server.settings import Settings
+    from supportqa_server.answering.rank import RankOptions
+    from supportqa_server.runtime.settings import Settings
 
     p = argparse.ArgumentParser()
     p.add_argument("dataset", choices=["banking77", "clinc150"])
@@ -256,21 +260,25 @@ def main() -> None:
     args = p.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     grid: dict[str, RankOptions] = {}
-    R = RankOptions
+
+    def R(**kw) -> RankOptions:  # noqa: N802 - the grid's shorthand for RankOptions
+        """Options with the neutral base (best row, dense only, no head) under ``kw``."""
+        return RankOptions(**(NEUTRAL | kw))
+
     if args.grid == "agg":
-        grid["max"] = RankOptions()
+        grid["max"] = R()
         for t in (2, 3, 5):
-            grid[f"mean_top{t}"] = RankOptions(aggregation="mean_top", top_rows=t)
+            grid[f"mean_top{t}"] = R(aggregation="mean_top", top_rows=t)
         for k in (5, 10, 20, 40):
             for temp in (0.02, 0.05, 0.1):
                 grid[f"knn{k}_t{temp}"] = R(aggregation="knn", knn=k, knn_temperature=temp)
     elif args.grid == "lex":
-        grid["dense"] = RankOptions()
+        grid["dense"] = R()
         for w in (0.1, 0.25, 0.5, 1.0):
-            grid[f"rrf_w{w}"] = RankOptions(lexical_weight=w)
+            grid[f"rrf_w{w}"] = R(lexical_weight=w)
         for w in (0.02, 0.05, 0.1, 0.2):
-            grid[f"score_w{w}"] = RankOptions(fusion="score", lexical_weight=w)
-        grid["lex_only"] = RankOptions(lexical_weight=1e6)
+            grid[f"score_w{w}"] = R(fusion="score", lexical_weight=w)
+        grid["lex_only"] = R(lexical_weight=1e6)
     elif args.grid == "conf":
         for agg in (R(), R(aggregation="mean_top"), R(aggregation="knn", knn_temperature=0.1)):
             for conf in ("best", "mean_top"):
@@ -280,7 +288,7 @@ def main() -> None:
                             agg, confidence=conf, top_rows=top, margin_weight=mw)
     else:
         # R: RankOptions; S: the shipped options; replace: dataclasses.replace
-        env = {"R": R, "S": Settings().rank_options(), "replace": dataclasses.replace}
+        env = {"R": R, "S": RankOptions.from_settings(Settings()), "replace": dataclasses.replace}
         grid = dict(eval(args.grid, env))  # noqa: S307 - a developer's own expression
     if args.cost:
         cost(args.dataset, args.model, args.cost, args.n, grid)

@@ -28,12 +28,13 @@ from tune_rank import BM25, ROOT, embed, evaluate, load, route_hits  # noqa: E40
 
 def main() -> None:
     import torch
-    from supportqa_server import synth
-    from supportqa_server.audio import decode_audio
-    from supportqa_server.biasing import KnowledgeLM
-    from supportqa_server.encoder import TextEncoder
-    from supportqa_server.settings import Settings
-    from supportqa_server.transcribe import SpeechRecognizer
+    from supportqa_server.answering.rank import RankOptions
+    from supportqa_server.runtime.encoder import TextEncoder
+    from supportqa_server.runtime.settings import Settings
+    from supportqa_server.speech.audio import decode_audio
+    from supportqa_server.speech.biasing import KnowledgeLM
+    from supportqa_server.speech.transcribe import SpeechRecognizer
+    from supportqa_tools import synth
 
     p = argparse.ArgumentParser()
     p.add_argument("--first", type=int, default=0)
@@ -51,12 +52,13 @@ def main() -> None:
     cache = ROOT / ".cache" / "eval"  # the clips `eval --modality voice` caches
     clips = [decode_audio(synth.synthesize_speech(q.text, cache_dir=cache)) for q in qs]
     rv = embed([t for _, _, t in rows], "", "banking77-minilm-rows")
-    enc, bm, opts = TextEncoder(""), BM25([t for _, _, t in rows]), Settings().rank_options()
+    enc, bm = TextEncoder(""), BM25([t for _, _, t in rows])
+    opts = RankOptions.from_settings(Settings())
 
     head = None
     head_weights = [float(w) for w in args.head_weights.split(",") if w]
     if head_weights:
-        from supportqa_server.head import train_head
+        from supportqa_server.answering.head import train_head
 
         head = train_head(rv, [e for e, _, _ in rows], c=10.0, texts=[t for _, _, t in rows])
 

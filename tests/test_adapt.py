@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from supportqa_server.adapt import (
+from supportqa_tools.adapt import (
     REPORT_FILE,
     AdaptOptions,
     adapt,
@@ -77,7 +77,7 @@ def _spread(vectors_by_entry: list[np.ndarray]) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_adaptation_pulls_paraphrases_together_and_saves_a_loadable_model(tmp_path):
-    from supportqa_server.encoder import TextEncoder
+    from supportqa_server.runtime.encoder import TextEncoder
 
     base = TextEncoder()
     before = _spread([base.encode(g) for g in TINY_KB])
@@ -100,7 +100,7 @@ def test_adaptation_pulls_paraphrases_together_and_saves_a_loadable_model(tmp_pa
 
 
 def test_kb_groups_keep_the_eval_dev_share_out(shared_data):
-    from supportqa_server.evaluation import build_dataset, read_examples
+    from supportqa_tools.evaluation import build_dataset, read_examples
 
     path = shared_data / "text" / "banking77" / "train.csv"
     groups = kb_groups(path, dev_fraction=0.2, seed=13)
@@ -147,7 +147,7 @@ def _grads(model) -> list:
 
 def test_chunked_backward_gives_the_whole_batch_gradients():
     import torch
-    from supportqa_server.adapt import contrastive_backward
+    from supportqa_tools.adapt import contrastive_backward
 
     model, whole, chunks, labels = _tiny_bert(dropout=0.0)
     one = contrastive_backward(model, [whole], labels, 0.05)
@@ -162,7 +162,7 @@ def test_chunked_backward_gives_the_whole_batch_gradients():
 
 def test_chunked_backward_reruns_each_chunk_with_its_own_dropout():
     import torch
-    from supportqa_server.adapt import _embed, contrastive_backward, supervised_contrastive_loss
+    from supportqa_tools.adapt import _embed, contrastive_backward, supervised_contrastive_loss
 
     model, _, chunks, labels = _tiny_bert(dropout=0.3)
     torch.manual_seed(7)

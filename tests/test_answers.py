@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from supportqa_server.pipeline import Answer, AskRequest, NoAnswer, Pipeline
-from supportqa_server.rank import RankedEntry
-from supportqa_server.settings import Settings
-from supportqa_server.store import EntryData
+from supportqa_server.answering.pipeline import Answer, AskRequest, NoAnswer, Pipeline
+from supportqa_server.answering.rank import RankedEntry
+from supportqa_server.knowledge.store import EntryData
+from supportqa_server.runtime.settings import Settings
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
-from supportqa_server.audio import (
+from supportqa_server.errors import InvalidInput, TooLarge
+from supportqa_server.speech.audio import (
     FRAME_MS,
     SAMPLE_RATE,
     decode_audio,
@@ -15,7 +16,6 @@ from supportqa_server.audio import (
     speech_end,
     trailing_silence_ms,
 )
-from supportqa_server.errors import InvalidInput, TooLarge
 
 TONE_HZ = 440.0
 SECONDS = 2.0
@@ -209,7 +209,7 @@ def test_speech_end_at_other_rates():
 
 
 def test_pcm16_samples_accepts_what_is_still_arriving():
-    from supportqa_server.audio import pcm16_samples
+    from supportqa_server.speech.audio import pcm16_samples
 
     assert pcm16_samples(b"", 16000).size == 0
     silent = np.zeros(800, dtype="<i2").tobytes()  # 50 ms of silence: too short for decode_audio

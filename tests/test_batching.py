@@ -7,8 +7,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from supportqa_server.batching import MicroBatcher
 from supportqa_server.errors import Cancelled, Overloaded
+from supportqa_server.runtime.batching import MicroBatcher
 
 
 class Gate:

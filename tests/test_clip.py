@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from supportqa_server.clip import ImageEncoder
 from supportqa_server.errors import NotAvailable
+from supportqa_server.vision.clip_model import ImageEncoder
 from tiny_clip import PROJECTION_DIM, make_tiny_clip
 
 pytestmark = pytest.mark.slow  # imports transformers and builds a model: seconds

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 from supportqa.v1 import supportqa_pb2
-from supportqa_server.evaluation import (
+from supportqa_tools.evaluation import (
     EvalInputError,
     Example,
     Outcome,

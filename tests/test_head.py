@@ -6,10 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from supportqa_server import head as head_module
-from supportqa_server.head import EntryHead, HeadTrainer, WordFeatures, train_head
-from supportqa_server.rank import RankOptions, rank
-from supportqa_server.store import RowHit
+from supportqa_server.answering import head as head_module
+from supportqa_server.answering.head import EntryHead, HeadTrainer, WordFeatures, train_head
+from supportqa_server.answering.rank import RankOptions, rank
+from supportqa_server.knowledge.store import RowHit
+from supportqa_server.runtime.settings import Settings
+from test_rank import options
 
 
 def clusters(seed: int = 0, per: int = 30, dim: int = 16, spread: float = 0.6):
@@ -156,8 +158,8 @@ def hits(pairs):
     return [RowHit(e, "question", f"{e} text", s) for e, s in pairs]
 
 
-SHIPPED = RankOptions(aggregation="mean_top", top_rows=3, fusion="score", lexical_weight=0.2,
-                      confidence="mean_top", head_weight=0.5)
+SHIPPED = RankOptions.from_settings(Settings())
+assert (SHIPPED.aggregation, SHIPPED.fusion, SHIPPED.head_weight) == ("mean_top", "score", 0.5)
 
 
 def test_head_reorders_close_entries_but_leaves_confidence_alone():
@@ -175,7 +177,7 @@ def test_head_reorders_close_entries_but_leaves_confidence_alone():
 
 
 def test_head_joins_rrf_as_a_ranked_route():
-    opts = RankOptions(fusion="rrf", head_weight=1.0)
+    opts = options(fusion="rrf", head_weight=1.0)
     dense = hits([("a", 0.62), ("b", 0.60)])
     assert [r.entry_id for r in rank(dense, [], opts)] == ["a", "b"]
     # Dense ranks a first, the head b: at equal weights both sum 1/61 + 1/62.
@@ -187,7 +189,7 @@ def test_head_joins_rrf_as_a_ranked_route():
 
 def test_negative_head_weight_is_refused():
     with pytest.raises(ValueError, match="head_weight"):
-        RankOptions(head_weight=-0.1).check()
+        options(head_weight=-0.1).check()
 
 
 def test_probabilities_keep_the_top_entries_only():
@@ -197,8 +199,8 @@ def test_probabilities_keep_the_top_entries_only():
 
 
 def test_transcripts_rank_with_their_own_head_weight():
-    from supportqa_server.pipeline import Pipeline
-    from supportqa_server.settings import Settings
+    from supportqa_server.answering.pipeline import Pipeline
+    from supportqa_server.runtime.settings import Settings
 
     p = Pipeline(Settings(head_weight=0.5, head_weight_voice=0.1))
     assert p.rank_options.head_weight == 0.5
@@ -213,9 +215,9 @@ async def test_a_knowledge_base_of_another_model_gets_no_head_and_no_crash(tmp_p
     """Written with 8-d vectors, served with MiniLM's 384: the head is off, the server up."""
     import asyncio
 
-    from supportqa_server.pipeline import Pipeline
-    from supportqa_server.settings import Settings
-    from supportqa_server.store import EntryData, KnowledgeStore
+    from supportqa_server.answering.pipeline import Pipeline
+    from supportqa_server.knowledge.store import EntryData, KnowledgeStore
+    from supportqa_server.runtime.settings import Settings
 
     store = KnowledgeStore(str((tmp_path / "milvus.db").resolve()), 8)
     store.open()
@@ -243,10 +245,10 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
     import asyncio
     import threading
 
-    from supportqa_server import pipeline as pipeline_module
-    from supportqa_server.pipeline import Answer, AskRequest, Pipeline
-    from supportqa_server.settings import Settings
-    from supportqa_server.store import EntryData
+    from supportqa_server.answering import pipeline as pipeline_module
+    from supportqa_server.answering.pipeline import Answer, AskRequest, Pipeline
+    from supportqa_server.knowledge.store import EntryData
+    from supportqa_server.runtime.settings import Settings
 
     monkeypatch.setattr(pipeline_module, "HEAD_SETTLE_S", 0.05)
     threads: list[str] = []
@@ -285,7 +287,7 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
             await asyncio.sleep(0.05)
         assert p.head_state("kb") == "ready"
         assert threads and all(t.startswith("models") for t in threads), threads
-        assert p._heads["kb"].words is not None  # "card", "lost", "fee", "transfer" ...
+        assert p.heads.heads["kb"].words is not None  # "card", "lost", "fee", "transfer" ...
         # Questions are scored in their encoder batch's job, on the model thread too: numpy
         # there, and no Python of theirs holding the GIL on the event loop.
         async def events(q: str) -> list:
@@ -304,14 +306,14 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
 @pytest.mark.parametrize(("head_weight", "rows"), [(0.5, 100), (0.0, 200)])
 async def test_questions_ranked_with_the_head_fetch_fewer_rows(tmp_path, monkeypatch,
                                                               head_weight, rows):
-    """With the head ranking too, 100 dense rows score as 200 do (docs/evaluation.md); without
-    it (voice, HEAD_WEIGHT=0, a head still training) the ranking needs the 200."""
+    """With the head ranking too, 100 dense rows score as 200 do (docs/benchmarks/quality.md);
+    without it (voice, HEAD_WEIGHT=0, a head still training) the ranking needs the 200."""
     import asyncio
 
-    from supportqa_server import pipeline as pipeline_module
-    from supportqa_server.pipeline import AskRequest, Pipeline
-    from supportqa_server.settings import Settings
-    from supportqa_server.store import EntryData, KnowledgeStore
+    from supportqa_server.answering import pipeline as pipeline_module
+    from supportqa_server.answering.pipeline import AskRequest, Pipeline
+    from supportqa_server.knowledge.store import EntryData, KnowledgeStore
+    from supportqa_server.runtime.settings import Settings
 
     monkeypatch.setattr(pipeline_module, "HEAD_SETTLE_S", 0.05)
     limits: list[tuple[int, int | None]] = []

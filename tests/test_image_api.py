@@ -49,8 +49,8 @@ def blank(color=(240, 240, 240), size=(400, 300)) -> bytes:
 
 @pytest.fixture(scope="module")
 async def read_server(tmp_path_factory):
-    from supportqa_server.app import running_server
-    from supportqa_server.settings import Settings
+    from supportqa_server.api.server import running_server
+    from supportqa_server.runtime.settings import Settings
 
     settings = Settings(port=0, data_dir=tmp_path_factory.mktemp("img"), speech_model="",
                         ocr=True, clip_model="", max_image_pixels=4_000_000)
@@ -121,8 +121,8 @@ async def test_bad_images_are_invalid_argument(iclient, kwargs, words):
 
 
 async def test_tiny_clip_see_route(tmp_path):
-    from supportqa_server.app import running_server
-    from supportqa_server.settings import Settings
+    from supportqa_server.api.server import running_server
+    from supportqa_server.runtime.settings import Settings
     from tiny_clip import make_tiny_clip
 
     clip_dir = make_tiny_clip(tmp_path / "tiny-clip")

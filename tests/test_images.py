@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from supportqa_server.errors import InvalidInput, TooLarge
-from supportqa_server.images import decode_bytes, load_image
+from supportqa_server.vision.images import decode_bytes, load_image
 
 MAX_BYTES = 10_000_000  # 10 MB
 MAX_PIXELS = 40_000_000  # 40 MP

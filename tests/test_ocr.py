@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
-from supportqa_server.ocr import (
+from supportqa_server.vision.ocr import (
     TextLine,
     TextReader,
     _reading_order,
@@ -220,7 +220,7 @@ def test_missing_models_are_reported(tmp_path):
         TextReader(model_dir=tmp_path)
 
 
-# CER thresholds, from the measured CER of these pictures (docs/bench_ocr.md) and the length of
+# CER thresholds, from the measured CER of these pictures (docs/benchmarks/ocr.md) and the length of
 # their transcriptions (after whitespace folding):
 # - dialog, 99 characters, measured 0.00-0.03: the icon's "!" read as "0" and the close cross as
 #   "X", a space lost in the 11 px title at scale 1. < 0.08 allows 7 errors; losing the error or

@@ -69,14 +69,14 @@ def test_ruff_is_clean():
     ruff = str(beside) if beside.exists() else shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff not found: it comes with the dev extra")
-    dirs = [str(ROOT / d) for d in ("clients", "server", "tests", "benchmarks", "scripts")]
+    dirs = [str(ROOT / d) for d in ("clients", "server", "tools", "tests", "benchmarks", "scripts")]
     r = subprocess.run([ruff, "check", *dirs], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "collect.py")
+    "script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 )
 def test_benchmark_scripts_start(script):
     """Each benchmark imports what it needs (a renamed helper once broke one silently)."""
@@ -84,3 +84,36 @@ def test_benchmark_scripts_start(script):
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage" in out.stdout.lower()
+
+
+def test_readme_configuration_table_is_generated_from_settings():
+    """The README's table is what scripts/gen_settings_doc.py writes from Settings: every
+    setting is documented with its real default, and no removed one lingers."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_settings_doc.py"),
+                          "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    from supportqa_server.runtime.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        assert f"`SUPPORTQA_{name.upper()}`" in readme
+        assert field.description, f"{name} has no docstring: the table needs its meaning"
+
+
+def test_the_server_package_imports_point_one_way():
+    """Layers import only layers below them (api -> answering -> knowledge, speech, vision ->
+    runtime), and the server never imports the offline tools."""
+    import ast
+
+    order = {"api": 4, "answering": 3, "knowledge": 2, "speech": 2, "vision": 2, "runtime": 1}
+    pkg = ROOT / "server" / "supportqa_server"
+    for path in pkg.rglob("*.py"):
+        layer = path.relative_to(pkg).parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mod = node.module
+                assert not mod.startswith("supportqa_tools") or path.name == "cli.py", (path, mod)
+                if layer in order and mod.startswith("supportqa_server."):
+                    target = mod.split(".")[1]
+                    if target in order:
+                        assert order[target] < order[layer] or target == layer, (path, mod)

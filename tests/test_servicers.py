@@ -7,11 +7,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from supportqa.client import AsyncSupportClient, SupportQAError
 from supportqa.v1 import supportqa_pb2 as pb
-from supportqa_server import pipeline as p
-from supportqa_server.app import create_server
+from supportqa_server.answering import pipeline as p
+from supportqa_server.api.server import create_server
 from supportqa_server.errors import Cancelled, NotFound, Overloaded, TooLarge, WrongModel
-from supportqa_server.settings import Settings
-from supportqa_server.store import EntryData
+from supportqa_server.knowledge.store import EntryData
+from supportqa_server.runtime.settings import Settings
 
 
 class FakePipeline:
@@ -118,8 +118,8 @@ async def test_retries_only_unavailable():
 
 
 def test_status_messages_are_capped_below_grpcs_metadata_limit():
+    from supportqa_server.api.servicers import MAX_DETAILS, status_of
     from supportqa_server.errors import InvalidInput
-    from supportqa_server.servicers import MAX_DETAILS, status_of
 
     code, msg = status_of(InvalidInput("x" * 20_000))
     assert code == grpc.StatusCode.INVALID_ARGUMENT

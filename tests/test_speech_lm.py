@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import pytest
-from supportqa_server import pipeline as pipeline_module
-from supportqa_server.pipeline import Pipeline
-from supportqa_server.settings import Settings
+from supportqa_server.answering import pipeline as pipeline_module
+from supportqa_server.answering.pipeline import Pipeline
+from supportqa_server.runtime.settings import Settings
 
 
 class FakeStore:
@@ -77,9 +77,9 @@ async def test_torch_models_run_on_one_thread(tmp_path):
     made every model call about 2x slower on 2 cores)."""
     import threading
 
-    from supportqa_server.pipeline import AskRequest, AudioInput
-    from supportqa_server.store import EntryData
-    from supportqa_server.synth import synthesize_speech
+    from supportqa_server.answering.pipeline import AskRequest, AudioInput
+    from supportqa_server.knowledge.store import EntryData
+    from supportqa_tools.synth import synthesize_speech
 
     p = Pipeline(Settings(data_dir=tmp_path, speech_model="tiny.en", ocr=False, clip_model=""))
     await p.start()

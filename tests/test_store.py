@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from supportqa_server.errors import NotFound, WrongModel
-from supportqa_server.store import EntryData, KnowledgeStore, key_of
+from supportqa_server.knowledge.store import EntryData, KnowledgeStore, key_of
 
 DIM = 8
 
@@ -170,7 +170,7 @@ def test_raw_replies_read_as_pymilvus_reads_them(store):
     """The search reply's flat arrays, read without pymilvus's per-hit objects, give the same
     keys and scores as MilvusClient.search, on both routes and for several queries."""
     from pymilvus.exceptions import MilvusException
-    from supportqa_server.store import _read_hits
+    from supportqa_server.knowledge.store import _read_hits
 
     rng = np.random.default_rng(3)
     entries = [EntryData(id=f"e{i}", title=f"title {i}", answer=f"answer number {i}",

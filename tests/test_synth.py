@@ -8,7 +8,7 @@ import wave
 
 import pytest
 from PIL import Image
-from supportqa_server import synth
+from supportqa_tools import synth
 
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"

@@ -110,7 +110,7 @@ async def test_upsert_replace_leaves_no_stale_match(client):
 
 
 async def test_entry_head_trains_after_writes_and_is_dropped_by_the_next(client):
-    from supportqa_server.evaluation import wait_for_head
+    from supportqa_tools.evaluation import wait_for_head
 
     kb = "head_test"
     families = {
@@ -221,7 +221,7 @@ async def test_bad_upsert_keeps_earlier_entries_and_names_the_bad_one(client):
 
 
 async def test_tag_filters_up_to_the_limit_search_and_more_are_refused(client):
-    from supportqa_server.store import MAX_FILTER_TAGS
+    from supportqa_server.knowledge.store import MAX_FILTER_TAGS
 
     # The limit must sit under what Milvus Lite accepts: a filter with MAX_FILTER_TAGS tags
     # searches for real (an over-deep filter fails inside Milvus as INTERNAL).

@@ -7,8 +7,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from supportqa_server import text_models
-from supportqa_server.text_models import READY, SplitArchive, assemble, resolve_text_model
+from supportqa_server.runtime import text_models
+from supportqa_server.runtime.text_models import READY, SplitArchive, assemble, resolve_text_model
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "my", "card", "was", "stolen", "pin"]
 
@@ -53,7 +53,7 @@ def split_archive(model: Path, out: Path, pieces: int) -> tuple[SplitArchive, li
 
 
 def test_split_archive_is_joined_checked_and_loads_as_a_text_model(tmp_path):
-    from supportqa_server.encoder import TextEncoder
+    from supportqa_server.runtime.encoder import TextEncoder
 
     archive, parts = split_archive(tiny_model_dir(tmp_path / "src"), tmp_path / "parts", 3)
     cache = tmp_path / "cache"
@@ -81,7 +81,7 @@ def test_a_wrong_checksum_or_a_missing_piece_is_refused_and_leaves_nothing(tmp_p
 
 
 def test_names_resolve_and_a_missing_extra_says_how_to_install_it(tmp_path, monkeypatch):
-    from supportqa_server.encoder import bundled_text_model
+    from supportqa_server.runtime.text_models import bundled_text_model
 
     assert resolve_text_model("", tmp_path) == bundled_text_model()
     assert resolve_text_model("some/hub-id", tmp_path) == "some/hub-id"
@@ -103,7 +103,7 @@ def _mpnet_installed() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _mpnet_installed(), reason="the mpnet extra is not installed")
 def test_packaged_mpnet_loads_and_puts_paraphrases_together(tmp_path):
-    from supportqa_server.encoder import TextEncoder
+    from supportqa_server.runtime.encoder import TextEncoder
 
     enc = TextEncoder("all-mpnet-base-v2", precision="float32", cache_dir=tmp_path)
     assert enc.dim == 768

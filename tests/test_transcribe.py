@@ -1,4 +1,12 @@
-"""SpeechRecognizer on the real tiny.en weights: meaning-level checks, WER, batching, trimming."""
+"""SpeechRecognizer on the real tiny.en weights: meaning-level checks, WER, batching, trimming.
+
+Meaning-level and WER checks run tiny.en at precision auto, as the server does (bfloat16 on CPUs
+with native bfloat16, float32 elsewhere). Tests that two decoding paths (batched and alone,
+shared silence prior and 1500 positions, dropping finished clips and not, ...) give the same
+text run it in float32 (`tiny32`): the paths group the same sums differently, and bfloat16's
+rounding can then flip a token ("you, ask" against "you. Ask") where float32's does not. Run
+the suite as on such a CPU with tests/bf16_plugin.py (PYTHONPATH=tests pytest -p bf16_plugin).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from supportqa_server.audio import decode_audio
 from supportqa_server.errors import InvalidInput
+from supportqa_server.speech.audio import decode_audio
 
 # speechbrain's transcripts.tsv is not what is said in 4 of its 10 clips: "TUE" (two), "WORE"
 # (war), "TEAR THIN SHEEP FROM THE OTHER PAT" (a thin sheet from the yellow pad), and
 # spk2_snt5.wav says "jump the fence and hurry up the bank", not "KEN PAIRS LACK FULL FLAVOR".
 # A perfect recogniser therefore scores ~0.20 (14 of 71 words); tiny.en measures 0.197 trimmed
-# or not (docs/bench_voice.md). 0.30 leaves room for ~7 more wrong words; a broken conversion
+# or not (docs/benchmarks/voice.md). 0.30 leaves room for ~7 more wrong words; a broken conversion
 # scores ~1 and a repetition loop over 1 (3.8 for trimming without the silence prior).
 MAX_SPEECHBRAIN_WER = 0.30
 
@@ -55,9 +63,19 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(cache_dir):
-    from supportqa_server.transcribe import SpeechRecognizer
+    from supportqa_server.speech.transcribe import SpeechRecognizer
 
     return SpeechRecognizer("tiny.en", "cpu", cache_dir=cache_dir, trim_audio=True)
+
+
+@pytest.fixture(scope="module")
+def tiny32(cache_dir):
+    """tiny.en in float32 whatever auto picks: for tests that two decoding paths hear the same
+    text, token for token."""
+    from supportqa_server.speech.transcribe import SpeechRecognizer
+
+    return SpeechRecognizer("tiny.en", "cpu", cache_dir=cache_dir, trim_audio=True,
+                            precision="float32")
 
 
 @pytest.fixture
@@ -69,8 +87,20 @@ def recognizer(request, tiny):
     tiny.trim_audio = before
 
 
+@pytest.fixture
+def recognizer32(request, tiny32):
+    """tiny32 with trim_audio set by the parametrisation, restored after."""
+    before = tiny32.trim_audio
+    tiny32.trim_audio = request.param
+    yield tiny32
+    tiny32.trim_audio = before
+
+
 trim_on_off = pytest.mark.parametrize(
     "recognizer", [True, False], ids=["trim", "full"], indirect=True
+)
+trim_on_off_32 = pytest.mark.parametrize(
+    "recognizer32", [True, False], ids=["trim", "full"], indirect=True
 )
 
 
@@ -104,19 +134,22 @@ def test_speechbrain_word_error_rate(recognizer, speechbrain):
     assert wer <= MAX_SPEECHBRAIN_WER, [h.text for h in heard]
 
 
-@trim_on_off
-def test_batched_equals_one_by_one(recognizer, speechbrain, jfk):
+@trim_on_off_32
+def test_batched_equals_one_by_one(recognizer32, speechbrain, jfk):
     clips = [*speechbrain[0][:5], jfk]  # 2.5-3.2 s and 11 s: different trimmed lengths
-    together = recognizer.transcribe_batch(clips)
-    alone = [recognizer.transcribe_batch([c])[0] for c in clips]
+    together = recognizer32.transcribe_batch(clips)
+    alone = [recognizer32.transcribe_batch([c])[0] for c in clips]
     assert [t.text for t in together] == [t.text for t in alone]
 
 
 @pytest.mark.parametrize("beams", [None, 3], ids=["greedy", "beam3"])
-def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, monkeypatch,
+def test_shared_prior_decoding_matches_1500_positions(tiny32, speechbrain, jfk, monkeypatch,
                                                       beams):
     """The decoder reading each silence prior once per batch hears what it hears over all 1500
-    positions per row; and it does run: the decoder sees only the clips' positions."""
+    positions per row; and it does run: the decoder sees only the clips' positions. In float32:
+    in bfloat16 the two sum the positions in different orders, and beam3 heard "you, ask"
+    against "you. Ask" in jfk."""
+    tiny = tiny32
     clips = [*speechbrain[0][:6], jfk]  # 2-3 s and 11 s: clip parts of 200 and 600 positions
     monkeypatch.setattr(tiny, "_options", dataclasses.replace(tiny._options, beam_size=beams))
     tiny.shared_prior = False
@@ -139,8 +172,10 @@ def test_shared_prior_decoding_matches_1500_positions(tiny, speechbrain, jfk, mo
     assert all("qkv_attention" not in vars(b.cross_attn) for b in tiny.model.decoder.blocks)
 
 
-def test_beam_search_over_a_batch(tiny, speechbrain):
-    """openai-whisper's beam search fails on batches; ours repeats each clip's features per beam."""
+def test_beam_search_over_a_batch(tiny32, speechbrain):
+    """openai-whisper's beam search fails on batches; ours repeats each clip's features per beam
+    (float32: batched and alone hear the same text, token for token)."""
+    tiny = tiny32
     clips = speechbrain[0][:2]
     greedy = tiny._options
     tiny._options = dataclasses.replace(greedy, beam_size=2)
@@ -153,10 +188,12 @@ def test_beam_search_over_a_batch(tiny, speechbrain):
     assert all(t.text for t in together)
 
 
-def test_beam_search_drops_finished_clips_from_the_batch(tiny, speechbrain, jfk, monkeypatch):
+def test_beam_search_drops_finished_clips_from_the_batch(tiny32, speechbrain, jfk, monkeypatch):
     """A clip whose beams have finished leaves the batch (fewer rows per decoder step), and
-    every clip is heard as when the batch keeps all rows to the end."""
-    from supportqa_server import transcribe
+    every clip is heard as when the batch keeps all rows to the end (float32: token for
+    token)."""
+    tiny = tiny32
+    from supportqa_server.speech import transcribe
     from whisper.decoding import PyTorchInference
 
     clips = [*speechbrain[0][:3], jfk]  # the 11-s clip decodes for many more steps
@@ -259,15 +296,15 @@ def test_edge_cases(tiny):
 
 
 def test_bad_device_is_a_clear_error(cache_dir):
-    from supportqa_server.transcribe import SpeechRecognizer
+    from supportqa_server.speech.transcribe import SpeechRecognizer
 
     with pytest.raises(ValueError, match="not a torch device"):
         SpeechRecognizer("tiny.en", "gpu0", cache_dir=cache_dir)
 
 
 def test_multilingual_language_hint_and_detection(cache_dir, jfk):
-    from supportqa_server.transcribe import SpeechRecognizer
-    from supportqa_server.whisper_convert import BUNDLED, package_dir
+    from supportqa_server.speech.transcribe import SpeechRecognizer
+    from supportqa_server.speech.whisper_convert import BUNDLED, package_dir
 
     try:
         for package, _ in BUNDLED["base"].parts:
@@ -285,13 +322,15 @@ def test_multilingual_language_hint_and_detection(cache_dir, jfk):
     assert "my fellow americans" in detected.text.lower()
 
 
-def test_knowledge_base_language_model_hears_domain_words(tiny, speechbrain):
+def test_knowledge_base_language_model_hears_domain_words(tiny32, speechbrain):
     """Shallow fusion with the sample KB's language model: tiny.en alone hears espeak's
     "change my address" as "change my dress"; with the KB's model (which has "address" in
-    its texts) it hears "address". Weight 0 is plain Whisper, token for token."""
+    its texts) it hears "address". Weight 0 is plain Whisper, token for token. In float32:
+    what tiny.en alone mishears is float32's."""
+    tiny = tiny32
     import shutil
 
-    from supportqa_server.synth import synthesize_speech
+    from supportqa_tools.synth import synthesize_speech
 
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is missing: `make setup` installs it")
@@ -316,10 +355,12 @@ def test_knowledge_base_language_model_hears_domain_words(tiny, speechbrain):
     assert fused[1:] == plain[1:]  # clips given no model are decoded as before
 
 
-def test_language_model_loops_fall_back_to_plain_decoding(tiny, speechbrain, shared_data):
+def test_language_model_loops_fall_back_to_plain_decoding(tiny32, speechbrain, shared_data):
     """Greedy decoding fused with a banking model loops on "mend the coat before you go out"
     ("I'm going to be able to do that." until the token budget); such a clip is decoded
-    again without the model, so the caller gets what plain Whisper hears."""
+    again without the model, so the caller gets what plain Whisper hears (float32: the loop
+    is float32's, and the fallback is compared token for token)."""
+    tiny = tiny32
     clip, reference = next(
         (c, ref) for c, ref in zip(*speechbrain, strict=True) if ref.startswith("MEND")
     )
@@ -340,7 +381,7 @@ def test_bfloat16_hears_what_float32_hears(cache_dir, speechbrain, jfk):
     clips and jfk (capitals may differ: "Yellow Pan" against "yellow pan"); a clip over 30 s
     goes through whisper's own loop in float32 and leaves the model in bfloat16."""
     import torch
-    from supportqa_server.transcribe import SpeechRecognizer
+    from supportqa_server.speech.transcribe import SpeechRecognizer
 
     clips = [*speechbrain[0], jfk]
     heard = {}
@@ -363,7 +404,7 @@ def test_batched_beam_step_keeps_whispers_beams():
     """The one-topk beam step gives whisper's tokens, sums, kv-cache order, finished
     candidates and stop decision, step by step, on random logits where eot often wins."""
     import torch
-    from supportqa_server.transcribe import _BatchedBeamDecoder
+    from supportqa_server.speech.transcribe import _BatchedBeamDecoder
     from whisper.decoding import BeamSearchDecoder
 
     class Recorder:
@@ -400,7 +441,7 @@ def test_shared_prior_attention_is_attention_over_all_positions(shared, per_clip
     output equals plain attention over the concatenated keys and values, row by row, with
     each clip's beams in consecutive rows."""
     import torch
-    from supportqa_server.transcribe import _SharedPriorCrossAttention
+    from supportqa_server.speech.transcribe import _SharedPriorCrossAttention
 
     gen = torch.Generator().manual_seed(2)
     clips, beams, heads, d, c, length, t = 3, 4, 2, 8, 5, 7, 2

@@ -24,7 +24,7 @@ SPOKEN = [
 
 
 def speak(text: str) -> bytes:
-    from supportqa_server.synth import synthesize_speech
+    from supportqa_tools.synth import synthesize_speech
 
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is missing: `make setup` installs it")
@@ -38,8 +38,8 @@ def pcm16(wav: bytes) -> tuple[bytes, int]:
 
 @pytest.fixture(scope="module")
 async def voice_server(tmp_path_factory):
-    from supportqa_server.app import running_server
-    from supportqa_server.settings import Settings
+    from supportqa_server.api.server import running_server
+    from supportqa_server.runtime.settings import Settings
 
     # Small stream budgets, so the tests below can spend them: 2 MiB per stream (PCM16 of 30 s
     # at 16 kHz is 0.96 MB), 5 MiB for all streams together, 5 s of silence ends a stream.

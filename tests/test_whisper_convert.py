@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from supportqa_server import whisper_convert as wc
+from supportqa_server.speech import whisper_convert as wc
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 JFK = DATA / "speech" / "jfk" / "jfk.flac"
@@ -145,7 +145,7 @@ def test_converted_tiny_loads_in_stock_whisper_and_hears_jfk(cache_dir):
     model = whisper.load_model(path, device="cpu")  # load_state_dict is strict
     assert not model.is_multilingual
 
-    from supportqa_server.audio import decode_audio
+    from supportqa_server.speech.audio import decode_audio
 
     audio = decode_audio(JFK.read_bytes())  # 16 kHz float32: no ffmpeg needed
     text = model.transcribe(audio, fp16=False, language="en")["text"].lower()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import serve
-    from .settings import Settings
+    from supportqa_server.api.server import serve
+    from supportqa_server.runtime.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                    ("data_dir", args.data_dir)) if v is not None}
@@ -32,12 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
 # torch's OpenMP runtime (libgomp) keeps a worker spinning for 300,000 iterations after each
 # parallel region. On 2 cores that spin takes the CPU that the Milvus search right after an
 # encode needs: a lone question's search took 5.6-5.9 ms, 4.5-4.7 ms with 20,000 (one
-# sentence's encode alone: the same within noise; docs/bench_text.md). libgomp reads it when
+# sentence's encode alone: the same within noise; docs/benchmarks/text.md). libgomp reads it when
 # torch loads, hence here, before anything imports torch.
 OMP_SPIN_COUNT = "20000"
 # numpy's OpenBLAS runs a product of a few rows (the entry head's 16 questions x 384 x 77) on a
 # pool of its own threads. Beside torch's OpenMP team on 2 cores that made every encode slower:
-# 174 against 244 QPS at concurrency 32 (docs/bench_summary.md). torch does the heavy math;
+# 174 against 244 QPS at concurrency 32 (docs/benchmarks/tuning.md). torch does the heavy math;
 # OpenBLAS reads this when numpy loads, hence here too.
 NUMPY_BLAS_THREADS = "1"
 
@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ingest", action="append", default=[], metavar="PATH",
                        help="JSONL knowledge base to load at start-up (repeatable)")
     try:
-        from .evaluation import add_eval_arguments
+        from supportqa_tools.evaluation import add_eval_arguments
     except ImportError:
         pass
     else:
         add_eval_arguments(sub.add_parser("eval", parents=[common],
                                           help="score retrieval through the gRPC API"))
-    from .adapt import add_adapt_arguments
+    from supportqa_tools.adapt import add_adapt_arguments
 
     add_adapt_arguments(sub.add_parser(
         "adapt", parents=[common],
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "adapt":
-        from .adapt import adapt_main
+        from supportqa_tools.adapt import adapt_main
 
         return adapt_main(args)
-    from .evaluation import eval_main
+    from supportqa_tools.evaluation import eval_main
 
     return eval_main(args)
 

@@ -1,0 +1,1 @@
+"""A question's trip without transport: request types, validation, retrieval, ranking, answers."""

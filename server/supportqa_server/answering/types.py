@@ -1,0 +1,134 @@
+"""The answering layer's request and event types: what a question carries and what its
+answer stream yields. No gRPC (api/converters.py maps them to protobuf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from supportqa_server.knowledge.store import EntryData
+from supportqa_server.runtime.settings import DEFAULT_KB
+
+MAX_TOP_K = 50
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    data: bytes
+    format: str = ""  # "" (sniff) | wav | flac | ogg | mp3 | pcm16
+    sample_rate_hz: int = 0
+    channels: int = 0
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    data: bytes
+    mime_type: str = ""
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    """One question, validated by `Pipeline.check`."""
+
+    text: str = ""
+    audio: AudioInput | None = None
+    image: ImageInput | None = None
+    knowledge_base: str = DEFAULT_KB
+    top_k: int = DEFAULT_TOP_K
+    min_score: float | None = None  # None: the knowledge base's threshold
+    locale: str = ""
+    tags: tuple[str, ...] = ()
+    language: str = ""  # spoken-language hint, ISO 639-1
+    timeout: float | None = None  # seconds left on the caller's deadline
+
+
+# Events of an answer stream, in the order they are produced.
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str
+    final: bool = True
+
+
+@dataclass(frozen=True)
+class ImageText:
+    lines: tuple[tuple[str, float], ...]  # (text, confidence) in reading order
+
+
+@dataclass(frozen=True)
+class Answer:
+    rank: int
+    entry: EntryData
+    score: float
+    routes: tuple[str, ...]
+    matched_text: str
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    reason: str
+    best_score: float
+    threshold: float
+
+
+@dataclass
+class Timings:
+    """Microseconds per stage."""
+
+    decode_us: int = 0
+    transcribe_us: int = 0
+    read_us: int = 0
+    embed_us: int = 0
+    search_us: int = 0
+    rank_us: int = 0
+    total_us: int = 0
+
+
+@dataclass(frozen=True)
+class Done:
+    timings: Timings
+
+
+Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Done
+
+
+@dataclass(frozen=True)
+class ConverseStart:
+    """First message of a Converse stream: where to answer and how the audio comes."""
+
+    request: AskRequest  # knowledge_base, top_k, min_score, locale, tags, language
+    format: str = "pcm16"
+    sample_rate_hz: int = 16000
+    channels: int = 1
+    end_silence_ms: int = 0  # 0: wait for EndOfUtterance or the end of the stream
+
+
+@dataclass(frozen=True)
+class EndOfUtterance:
+    """The caller has finished speaking."""
+
+
+ConverseMessage = ConverseStart | bytes | EndOfUtterance
+
+
+@dataclass
+class UpsertResult:
+    written: int = 0
+    replaced: int = 0
+    rows: int = 0
+
+
+@dataclass
+class Component:
+    name: str
+    model: str = ""
+    device: str = ""
+    enabled: bool = True
+    detail: str = ""

@@ -1,0 +1,1 @@
+"""gRPC only: server construction, servicers, proto<->domain converters, the error->status table."""

@@ -1,0 +1,157 @@
+"""Protobuf messages to pipeline types and back."""
+
+from __future__ import annotations
+
+from supportqa.v1 import supportqa_pb2 as pb
+
+from supportqa_server.answering import pipeline as p
+from supportqa_server.answering.rank import DENSE, LEXICAL, READ, SEE
+from supportqa_server.knowledge.store import EntryData
+from supportqa_server.knowledge.writer import WriteReport
+from supportqa_server.runtime.settings import DEFAULT_KB
+
+AUDIO_FORMATS = {
+    pb.AUDIO_FORMAT_UNSPECIFIED: "",
+    pb.AUDIO_FORMAT_WAV: "wav",
+    pb.AUDIO_FORMAT_FLAC: "flac",
+    pb.AUDIO_FORMAT_OGG: "ogg",
+    pb.AUDIO_FORMAT_MP3: "mp3",
+    pb.AUDIO_FORMAT_PCM16: "pcm16",
+}
+ROUTES = {DENSE: pb.ROUTE_DENSE, LEXICAL: pb.ROUTE_LEXICAL, READ: pb.ROUTE_READ, SEE: pb.ROUTE_SEE}
+
+
+def ask_request(q: pb.Question, timeout: float | None) -> p.AskRequest:
+    audio = image = None
+    if q.HasField("audio") and (q.audio.data or q.audio.format):
+        audio = p.AudioInput(
+            bytes(q.audio.data), AUDIO_FORMATS.get(q.audio.format, "?"),
+            q.audio.sample_rate_hz, q.audio.channels,
+        )
+    if q.HasField("image") and (q.image.data or q.image.mime_type):
+        image = p.ImageInput(bytes(q.image.data), q.image.mime_type)
+    return p.AskRequest(
+        text=q.text,
+        audio=audio,
+        image=image,
+        knowledge_base=q.knowledge_base or DEFAULT_KB,
+        top_k=q.top_k or p.DEFAULT_TOP_K,
+        min_score=q.min_score if q.HasField("min_score") else None,
+        locale=q.locale,
+        tags=tuple(t for t in q.tags if t),
+        language=q.language,
+        timeout=timeout,
+    )
+
+
+def timings(t: p.Timings) -> pb.StageTimings:
+    return pb.StageTimings(
+        decode_us=t.decode_us, transcribe_us=t.transcribe_us, read_us=t.read_us,
+        embed_us=t.embed_us, search_us=t.search_us, rank_us=t.rank_us, total_us=t.total_us,
+    )
+
+
+def answer(a: p.Answer) -> pb.Answer:
+    e = a.entry
+    return pb.Answer(
+        rank=a.rank, entry_id=e.id, title=e.title, answer=e.answer, score=a.score,
+        routes=[ROUTES[r] for r in a.routes], matched_text=a.matched_text, url=e.url,
+        tags=list(e.tags),
+    )
+
+
+def transcript(t: p.Transcript) -> pb.Transcript:
+    return pb.Transcript(text=t.text, language=t.language, final=t.final)
+
+
+def image_text(t: p.ImageText) -> pb.ImageText:
+    return pb.ImageText(lines=[pb.TextLine(text=s, confidence=c) for s, c in t.lines])
+
+
+def no_answer(n: p.NoAnswer) -> pb.NoAnswer:
+    return pb.NoAnswer(reason=n.reason, best_score=n.best_score, threshold=n.threshold)
+
+
+def event(ev: p.Event) -> pb.AnswerEvent:
+    match ev:
+        case p.Accepted():
+            return pb.AnswerEvent(accepted=pb.Accepted(request_id=ev.request_id))
+        case p.Transcript():
+            return pb.AnswerEvent(transcript=transcript(ev))
+        case p.ImageText():
+            return pb.AnswerEvent(image_text=image_text(ev))
+        case p.Answer():
+            return pb.AnswerEvent(answer=answer(ev))
+        case p.NoAnswer():
+            return pb.AnswerEvent(no_answer=no_answer(ev))
+        case p.Done():
+            return pb.AnswerEvent(done=pb.Done(timings=timings(ev.timings)))
+    raise TypeError(f"unknown event {ev!r}")
+
+
+def fold(events: list[p.Event]) -> pb.AnswerSet:
+    """The unary AnswerSet of a complete event list."""
+    out = pb.AnswerSet()
+    for ev in events:
+        match ev:
+            case p.Accepted():
+                out.request_id = ev.request_id
+            case p.Transcript():
+                out.transcript.CopyFrom(transcript(ev))
+            case p.ImageText():
+                out.image_text.CopyFrom(image_text(ev))
+            case p.Answer():
+                out.answers.append(answer(ev))
+            case p.NoAnswer():
+                out.no_answer.CopyFrom(no_answer(ev))
+            case p.Done():
+                out.timings.CopyFrom(timings(ev.timings))
+    return out
+
+
+def entry_data(e: pb.Entry) -> tuple[str, EntryData]:
+    """(knowledge base, entry) of an Entry message."""
+    updated = e.updated_at.seconds + e.updated_at.nanos / 1e9 if e.HasField("updated_at") else 0.0
+    return e.knowledge_base or DEFAULT_KB, EntryData(
+        id=e.id, answer=e.answer, title=e.title, questions=tuple(e.questions),
+        tags=tuple(t for t in e.tags if t), locale=e.locale, url=e.url, updated_at=updated,
+        image_count=len(e.images),
+    )
+
+
+def entry_images(e: pb.Entry) -> list[p.ImageInput]:
+    return [p.ImageInput(bytes(i.data), i.mime_type) for i in e.images]
+
+
+def converse_message(m: pb.ConverseRequest) -> p.ConverseMessage:
+    kind = m.WhichOneof("request")
+    if kind == "config":
+        c = m.config
+        return p.ConverseStart(
+            request=ask_request(c.question, None),
+            format=AUDIO_FORMATS.get(c.format, "?") or "pcm16",
+            sample_rate_hz=c.sample_rate_hz,
+            channels=c.channels,
+            end_silence_ms=c.end_silence_ms,
+        )
+    if kind == "audio_chunk":
+        return bytes(m.audio_chunk)
+    return p.EndOfUtterance()
+
+
+def entry_message(kb: str, e: EntryData) -> pb.Entry:
+    out = pb.Entry(
+        knowledge_base=kb, id=e.id, title=e.title, answer=e.answer, questions=list(e.questions),
+        tags=list(e.tags), locale=e.locale, url=e.url,
+    )
+    if e.updated_at:
+        out.updated_at.FromNanoseconds(int(e.updated_at * 1e9))
+    return out
+
+
+def upsert_summary(r: WriteReport) -> pb.UpsertSummary:
+    return pb.UpsertSummary(
+        received=r.received, written=r.written, replaced=r.replaced, rows=r.rows,
+        failures=[pb.EntryFailure(index=f.index, entry_id=f.entry_id, code=f.code,
+                                  message=f.message) for f in r.rejected],
+    )

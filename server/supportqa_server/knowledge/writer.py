@@ -1,0 +1,160 @@
+"""The one write path: Upsert streams and start-up ingest both validate and write through here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supportqa_server.errors import InvalidInput, TooLarge
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 64  # entries embedded and written together
+MAX_REPORTED = 20  # invalid lines named in one error: enough to fix a file in rounds
+
+
+@dataclass
+class Rejected:
+    """One entry the writer refused: its 0-based place in the stream and why."""
+
+    index: int
+    entry_id: str
+    message: str
+    code: str = "INVALID_ARGUMENT"
+
+
+@dataclass
+class WriteReport:
+    """What a stream of entries did. Counts are of distinct (knowledge base, id) pairs: an id
+    sent twice is one entry, written as its later version."""
+
+    received: int = 0
+    written: int = 0
+    replaced: int = 0
+    rows: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+class EntryWriter:
+    """Validates entries as they arrive and writes them in batches of one knowledge base.
+
+    A repeated id writes the batch before it first, so the later version wins. With
+    ``dry_run`` nothing is written: every entry is validated and every refusal reported, so a
+    caller can check a whole file before its first write.
+
+    Args:
+        pipeline: The answering pipeline (its `validate_entry`, `upsert` and store).
+        dry_run: Validate only.
+    """
+
+    def __init__(self, pipeline, *, dry_run: bool = False) -> None:
+        self.pipeline = pipeline
+        self.dry_run = dry_run
+        self.report = WriteReport()
+        self._batch: list = []
+        self._images: list = []
+        self._kb = ""
+        self._seen: set[tuple[str, str]] = set()
+        # Of the batch: entries not written before in this stream, and those of them that
+        # replace a stored version. Counted once the batch is written.
+        self._new = self._replacing = 0
+
+    async def add(self, knowledge_base: str, entry, images: Sequence = ()) -> None:
+        """Takes one entry.
+
+        Raises:
+            InvalidInput, TooLarge: the entry cannot be written (not in dry-run mode, where it
+                is recorded in ``report.rejected`` instead).
+        """
+        index = self.report.received
+        self.report.received += 1
+        try:
+            self.pipeline.validate_entry(index, entry, knowledge_base)
+        except (InvalidInput, TooLarge) as e:
+            if not self.dry_run:
+                raise
+            self.report.rejected.append(Rejected(index, entry.id, str(e)))
+            return
+        key = (knowledge_base, entry.id)
+        if self.dry_run:
+            self._seen.add(key)
+            return
+        if self._batch and (knowledge_base != self._kb or len(self._batch) >= WRITE_BATCH
+                            or any(e.id == entry.id for e in self._batch)):
+            await self.flush()
+        if key not in self._seen:
+            self._seen.add(key)
+            self._new += 1
+            if self.pipeline.entry(knowledge_base, entry.id) is not None:
+                self._replacing += 1
+        self._kb = knowledge_base
+        self._batch.append(entry)
+        self._images.append(list(images))
+
+    async def flush(self) -> None:
+        """Writes what is batched."""
+        if self._batch:
+            batch, images = self._batch, self._images
+            self._batch, self._images = [], []
+            result = await self.pipeline.upsert(self._kb, batch, images)
+            self.report.rows += result.rows
+            self.report.written += self._new
+            self.report.replaced += self._replacing
+            self._new = self._replacing = 0
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One entry of a knowledge-base file and the line it came from."""
+
+    line: int
+    knowledge_base: str
+    entry: object  # EntryData
+    images: tuple = ()
+
+
+def check_file(pipeline, path: Path, entries: Iterable[FileEntry]) -> list[FileEntry]:
+    """Validates every entry of a file before anything is written.
+
+    Raises:
+        InvalidInput: naming up to MAX_REPORTED problems as "FILE:LINE: what is wrong",
+            including an id given twice (both lines named).
+    """
+    out: list[FileEntry] = []
+    problems: list[str] = []
+    first_line: dict[tuple[str, str], int] = {}
+    for i, fe in enumerate(entries):
+        try:
+            pipeline.validate_entry(i, fe.entry, fe.knowledge_base)
+        except (InvalidInput, TooLarge) as e:
+            problems.append(f"{path}:{fe.line}: {e}")
+            continue
+        key = (fe.knowledge_base, fe.entry.id)
+        if key in first_line:
+            problems.append(
+                f"{path}:{fe.line}: id {fe.entry.id!r} is already used on line "
+                f"{first_line[key]}: give every entry its own id"
+            )
+            continue
+        first_line[key] = fe.line
+        out.append(fe)
+    if problems:
+        more = len(problems) - MAX_REPORTED
+        raise InvalidInput(
+            f"{path}: {len(problems)} invalid line(s), nothing written:\n"
+            + "\n".join(problems[:MAX_REPORTED]) + (f"\n... and {more} more" if more > 0 else "")
+        )
+    return out
+
+
+async def write_file(pipeline, path: Path, entries: Iterable[FileEntry]) -> WriteReport:
+    """Checks a whole file, then writes it through one EntryWriter: all or nothing as far as
+    validation goes (a store failure mid-way keeps what was written before it)."""
+    checked = check_file(pipeline, path, entries)
+    writer = EntryWriter(pipeline)
+    for fe in checked:
+        await writer.add(fe.knowledge_base, fe.entry, fe.images)
+    await writer.flush()
+    return writer.report

@@ -1,0 +1,1 @@
+"""What every layer runs on: settings, devices and precision, text encoder, micro-batchers."""

@@ -1,0 +1,184 @@
+"""Process settings: typed, from SUPPORTQA_* environment variables or an optional file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KB_NAME_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
+DEFAULT_KB = "default"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportqa"
+
+
+class Settings(BaseSettings):
+    """Everything a deployment can change; defaults work offline on a 2-core CPU machine."""
+
+    # Each field's docstring is its meaning in the README's configuration table
+    # (scripts/gen_settings_doc.py); the reasons behind the defaults are in docs/decisions.md.
+    model_config = SettingsConfigDict(
+        env_prefix="SUPPORTQA_",
+        env_file=os.environ.get("SUPPORTQA_SETTINGS_FILE"),
+        extra="ignore",
+        use_attribute_docstrings=True,
+    )
+
+    # Transport
+    host: str = "127.0.0.1"
+    """Bind address; 0.0.0.0 accepts other machines (the Docker image sets it)."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    max_message_bytes: int = 32 * 1024 * 1024
+    """Largest gRPC message, both ways (gRPC's own default is 4 MiB)."""
+    api_keys: list[str] = Field(default_factory=list)
+    """Keys callers send as `authorization: Bearer KEY` (JSON list); empty: no authentication."""
+    grace_seconds: float = 5.0
+    """Seconds in-flight calls get to finish after SIGTERM."""
+
+    # Store
+    data_dir: Path = Path("data")
+    """Folder of the Milvus Lite file (`milvus.db`); one server per folder (it is locked)."""
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    """Converted Whisper checkpoints and extracted text models, shared by every data folder."""
+    milvus_uri: str = ""
+    """Milvus standalone/cluster URI (`http://host:19530`); empty: Milvus Lite in data_dir."""
+    milvus_token: str = ""
+    """`user:password` or an API key for a Milvus server."""
+    milvus_db: str = ""
+    """Database on a Milvus server; empty: its default."""
+
+    # Models
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps`."""
+    precision: str = "auto"
+    """Number format of the models: `auto` (float16 on CUDA, bfloat16 on CPUs with AMX or
+    AVX512-BF16, else float32), `float32`, `bfloat16`, `float16` (GPU only)."""
+    text_model: str = ""
+    """Sentence encoder: a local path or cached hub id; empty: the bundled all-MiniLM-L6-v2;
+    `all-mpnet-base-v2`: the larger model of the `mpnet` extra."""
+    speech_model: str = "tiny.en"
+    """Whisper model: `tiny.en`, `base`, any openai-whisper name or `.pt` path; empty: voice off."""
+    speech_trim: bool = True
+    """Encode only the speech sent, not Whisper's 30 s of padding."""
+    speech_beam_size: int = Field(5, ge=0, le=16)
+    """Beams of Whisper's beam search; 0: greedy (faster, less accurate)."""
+    speech_lm_weight: float = Field(0.3, ge=0.0, le=2.0)
+    """Weight of the knowledge base's own language model in Whisper's decoding; 0: off."""
+    clip_model: str = ""
+    """CLIP path or cached hub id (e.g. `openai/clip-vit-base-patch32`); empty: See route off."""
+    ocr: bool = True
+    """Read text in images with rapidocr."""
+
+    # Limits on what a question may carry
+    max_text_chars: int = 2000
+    """Characters of question text."""
+    max_audio_seconds: float = 60.0
+    """Seconds of speech per question."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Encoded size of an image."""
+    max_image_pixels: int = 40_000_000
+    """Width x height of an image (decompression bombs are refused from the header)."""
+    max_image_decode_bytes: int = 160 * 1024 * 1024
+    """Memory one image may take while decoded; a JPEG over it is decoded at 1/2, 1/4 or 1/8
+    scale, other formats are refused with RESOURCE_EXHAUSTED."""
+    stream_idle_seconds: float = Field(30.0, gt=0.0)
+    """A Converse stream that sends nothing for this long is ended (DEADLINE_EXCEEDED)."""
+    max_stream_audio_bytes: int = 12 * 1024 * 1024
+    """Audio one Converse stream may buffer (12 MiB: 60 s of 48 kHz stereo WAV)."""
+    max_buffered_audio_bytes: int = 256 * 1024 * 1024
+    """Audio all open Converse streams may buffer together; beyond it RESOURCE_EXHAUSTED."""
+
+    # Ranking
+    threshold: float = 0.44
+    """Confidence below which the reply is NoAnswer."""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """Per knowledge base, JSON: `{"banking": 0.5}`."""
+    lexical: bool = True
+    """Keep a BM25 index (needed for lexical_weight above 0)."""
+    aggregation: str = "mean_top"
+    """How an entry's rows score it: `max`, `mean_top` (mean of its best top_rows), `knn`."""
+    top_rows: int = 3
+    """Rows averaged by `mean_top` (aggregation and confidence)."""
+    knn: int = 20
+    """Neighbours voting when aggregation is `knn`."""
+    knn_temperature: float = 0.1
+    """Softmax temperature of the kNN vote, in cosine units."""
+    fusion: str = "score"
+    """How BM25 joins the dense route: `score` (its share added) or `rrf` (reciprocal ranks)."""
+    lexical_weight: float = 0.2
+    """Weight of the BM25 route; 0: dense only, no BM25 search."""
+    confidence: str = "mean_top"
+    """Score compared with the threshold: `mean_top` or `best` (the entry's best cosine)."""
+    margin_weight: float = 0.0
+    """Confidence bonus per unit of the top-1/top-2 gap."""
+    head_weight: float = Field(0.5, ge=0.0)
+    """Weight of the entry head (a classifier over each knowledge base's rows, retrained after
+    writes) in the ranking of typed and read questions; 0: off. It orders, never scores."""
+    head_weight_voice: float = Field(0.0, ge=0.0)
+    """The entry head's weight for transcribed questions."""
+    head_c: float = Field(10.0, gt=0.0)
+    """Inverse regularisation of the entry head's fit."""
+    head_words: bool = True
+    """The entry head also reads the question's words (TF-IDF), beside its vector."""
+    head_max_rows: int = Field(100_000, ge=0)
+    """Knowledge bases with more rows go without an entry head."""
+
+    # Concurrency
+    max_batch: int = 64
+    """Questions per text/CLIP encoder call; 1 turns batching off."""
+    max_wait_ms: float = 0.0
+    """How long a text/CLIP batch waits to fill; 0: batches fill with what queued meanwhile."""
+    max_queue: int = 512
+    """Queued items per model; beyond it RESOURCE_EXHAUSTED."""
+    max_queue_ms: float = Field(1000.0, ge=0.0)
+    """A text or image question that would wait longer than this for its model (or past its
+    deadline) is refused at once with RESOURCE_EXHAUSTED; 0: only the deadline."""
+    speech_max_queue_ms: float = Field(5000.0, ge=0.0)
+    """The same for Whisper and OCR, whose batches take 0.1-2 s."""
+    speech_max_batch: int = 8
+    """Clips per Whisper call."""
+    speech_max_wait_ms: float = 20.0
+    """How long a Whisper batch waits to fill, once callers are concurrent."""
+    ocr_max_batch: int = 4
+    """Images per OCR call."""
+    partial_seconds: float = 2.0
+    """Converse: a partial transcript per this much new PCM audio, in seconds."""
+    torch_threads: int = 0
+    """torch intra-op threads; 0: all cores."""
+    store_threads: int = 4
+    """Threads for Milvus writes, image searches and the entry head's reads."""
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, v: str) -> str:
+        from supportqa_server.runtime.devices import check_precision
+
+        return check_precision(v)
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"threshold {v} must be within [0, 1]")
+        return v
+
+    @field_validator("max_batch", "max_queue")
+    @classmethod
+    def _check_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        return v
+
+    def threshold_for(self, knowledge_base: str) -> float:
+        """Confidence threshold of one knowledge base."""
+        return self.thresholds.get(knowledge_base, self.threshold)
+

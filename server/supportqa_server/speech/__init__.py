@@ -1,0 +1,1 @@
+"""Voice: audio decoding, Whisper weights and transcription, knowledge-base language models."""

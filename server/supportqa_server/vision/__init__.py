@@ -1,0 +1,1 @@
+"""Images: decoding with memory limits, OCR, CLIP embeddings."""

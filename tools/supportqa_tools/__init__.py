@@ -1,0 +1,1 @@
+"""Offline tools: evaluation, encoder adaptation, speech synthesis; never imported by the server."""

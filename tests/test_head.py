@@ -205,9 +205,9 @@ def test_transcripts_rank_with_their_own_head_weight():
     p = Pipeline(Settings(head_weight=0.5, head_weight_voice=0.1))
     assert p.rank_options.head_weight == 0.5
     assert p._heard_rank_options.head_weight == 0.1
-    assert p._head_on
-    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0))._head_on
-    assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2))._head_on
+    assert p.heads.on
+    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0)).heads.on
+    assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2)).heads.on
 
 
 @pytest.mark.slow
@@ -245,12 +245,12 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
     import asyncio
     import threading
 
-    from supportqa_server.answering import pipeline as pipeline_module
+    from supportqa_server.answering import heads as heads_module
     from supportqa_server.answering.pipeline import Answer, AskRequest, Pipeline
     from supportqa_server.knowledge.store import EntryData
     from supportqa_server.runtime.settings import Settings
 
-    monkeypatch.setattr(pipeline_module, "HEAD_SETTLE_S", 0.05)
+    monkeypatch.setattr(heads_module, "HEAD_SETTLE_S", 0.05)
     threads: list[str] = []
     init, step = HeadTrainer.__init__, HeadTrainer.step
 
@@ -310,12 +310,12 @@ async def test_questions_ranked_with_the_head_fetch_fewer_rows(tmp_path, monkeyp
     without it (voice, HEAD_WEIGHT=0, a head still training) the ranking needs the 200."""
     import asyncio
 
-    from supportqa_server.answering import pipeline as pipeline_module
+    from supportqa_server.answering import heads as heads_module
     from supportqa_server.answering.pipeline import AskRequest, Pipeline
     from supportqa_server.knowledge.store import EntryData, KnowledgeStore
     from supportqa_server.runtime.settings import Settings
 
-    monkeypatch.setattr(pipeline_module, "HEAD_SETTLE_S", 0.05)
+    monkeypatch.setattr(heads_module, "HEAD_SETTLE_S", 0.05)
     limits: list[tuple[int, int | None]] = []
     search = KnowledgeStore.search
 

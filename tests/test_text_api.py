@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -359,3 +360,42 @@ async def test_cli_ask_prints_ranked_answers_and_an_honest_no_answer(text_server
     assert await asyncio.to_thread(cli.main, [*argv, "the boiling point of tungsten"]) == 0
     out = capsys.readouterr().out
     assert out.count("no confident answer") == 1 and "threshold" in out, out
+
+
+async def test_a_dry_run_upsert_reports_every_bad_entry_and_writes_nothing(client):
+    entries = [
+        pb.Entry(knowledge_base="dry", id="ok", answer="Fine.", questions=["q"]),
+        pb.Entry(knowledge_base="dry", id="no-answer"),
+        pb.Entry(knowledge_base="dry", id="x" * 300, answer="Too long an id."),
+        pb.Entry(knowledge_base="bad name", id="y", answer="Bad knowledge base."),
+    ]
+    s = await client.upsert(entries, dry_run=True)
+    assert (s.received, s.written, s.rows) == (4, 0, 0)
+    assert [f.index for f in s.failures] == [1, 2, 3]
+    assert "has no answer" in s.failures[0].message
+    assert "ids have at most 256 bytes" in s.failures[1].message
+    with pytest.raises(SupportQAError) as e:
+        await client.stats("dry")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cli_ingest_of_a_file_with_a_bad_line_writes_nothing(client, text_server, tmp_path,
+                                                                  capsys):
+    """The README's own command (target after the subcommand): a file with one entry the
+    server would refuse and one repeated id is reported line by line, and nothing is written."""
+    from supportqa.cli import main
+
+    kb = tmp_path / "kb.jsonl"
+    lines = [json.dumps({"id": f"e{i}", "answer": f"Answer {i}."}) for i in range(5)]
+    lines[2] = json.dumps({"id": "e2", "answer": "x", "locale": "l" * 40})  # line 3
+    lines.append(json.dumps({"id": "e0", "answer": "again"}))  # line 6
+    kb.write_text("\n".join(lines) + "\n")
+    argv = ["ingest", str(kb), "-k", "cli_bad", "--target", text_server]
+    assert await asyncio.to_thread(main, argv) == 1
+    err = capsys.readouterr().err
+    assert f"{kb}:3: entry #2 (id 'e2'): locale" in err
+    assert f"{kb}:6: id 'e0' is already used on line 1" in err
+    assert "nothing written" in err
+    with pytest.raises(SupportQAError) as e:
+        await client.stats("cli_bad")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND

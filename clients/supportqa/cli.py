@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .client import DEFAULT_TARGET, SupportClient, SupportQAError
-from .knowledge_file import KnowledgeFileError, read_entries
+from .knowledge_file import KnowledgeFileError, read_numbered
 from .v1 import supportqa_pb2 as pb
 
 ROUTE_NAMES = {pb.ROUTE_DENSE: "dense", pb.ROUTE_LEXICAL: "lexical", pb.ROUTE_READ: "read",
@@ -53,22 +53,38 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
 
 
 def _ingest(args: argparse.Namespace, client: SupportClient) -> int:
+    """All or nothing: the whole file is read and checked (by the server too, in a dry run)
+    before the first entry is written; a bad line is reported as FILE:LINE and nothing is."""
     path = Path(args.path)
     try:
-        total = sum(1 for _ in read_entries(path))
-    except (OSError, KnowledgeFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        numbered = list(read_numbered(path))
+    except (OSError, UnicodeDecodeError, KnowledgeFileError) as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
         return 2
+    problems, first_line = [], {}
+    for n, e in numbered:
+        if args.knowledge_base and not e.knowledge_base:
+            e.knowledge_base = args.knowledge_base
+        key = (e.knowledge_base or "default", e.id)
+        if key in first_line:
+            problems.append(f"{path}:{n}: id {e.id!r} is already used on line {first_line[key]}: "
+                            "give every entry its own id")
+        first_line.setdefault(key, n)
+    checked = client.upsert((e for _, e in numbered), timeout=args.timeout, dry_run=True)
+    problems += [f"{path}:{numbered[f.index][0]}: {f.message}" for f in checked.failures]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        print(f"error: {len(problems)} invalid line(s) in {path}; nothing written",
+              file=sys.stderr)
+        return 1
     done = 0
 
     def entries():
         nonlocal done
-        for e in read_entries(path):
-            if args.knowledge_base and not e.knowledge_base:
-                e.knowledge_base = args.knowledge_base
+        for _, e in numbered:
             yield e
             done += 1
-            _progress(done, total)
+            _progress(done, len(numbered))
 
     try:
         s = client.upsert(entries(), timeout=args.timeout)
@@ -102,13 +118,34 @@ def _health(args: argparse.Namespace, client: SupportClient) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="supportqa", description=__doc__)
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per call, seconds")
-    parser.add_argument("--api-key", default=None, help="API key, if the server requires one")
+# Options every command takes, before or after its name: `supportqa --target h:p ingest f` and
+# `supportqa ingest f --target h:p` are the same. Their defaults are applied once, after parsing.
+GLOBAL_DEFAULTS = {"target": DEFAULT_TARGET, "timeout": 60.0, "api_key": None}
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """A parent parser of the global options, for the top level and each subcommand.
+
+    Their defaults are SUPPRESS: a subcommand's parser then sets only the options given after
+    it, and does not overwrite with its default one given before it.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=argparse.SUPPRESS,
+                        help=f"server host:port (default {GLOBAL_DEFAULTS['target']})")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help=f"deadline per call, seconds (default {GLOBAL_DEFAULTS['timeout']:g})")
+    common.add_argument("--api-key", default=argparse.SUPPRESS,
+                        help="API key, if the server requires one")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `supportqa` argument parser; parse with parse_args() to get the global defaults."""
+    common = _global_options()
+    parser = argparse.ArgumentParser(prog="supportqa", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    ask = sub.add_parser("ask", help="ask a question and print the ranked answers")
+    ask = sub.add_parser("ask", parents=[common],
+                         help="ask a question and print the ranked answers")
     ask.add_argument("question", nargs="?", default="")
     ask.add_argument("--audio", help="audio file to ask with (wav, flac, ogg, mp3)")
     ask.add_argument("--image", help="image file to ask with (png, jpeg, webp, ...)")
@@ -118,15 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--tag", action="append", help="only entries with this tag (repeatable)")
     ask.add_argument("--locale", default="")
     ask.add_argument("--language", default="", help="spoken-language hint, e.g. en")
-    ing = sub.add_parser("ingest", help="stream a JSONL knowledge base into the server")
+    ing = sub.add_parser("ingest", parents=[common],
+                         help="stream a JSONL knowledge base into the server")
     ing.add_argument("path")
     ing.add_argument("--knowledge-base", "-k", default="",
                      help="knowledge base for entries that name none")
-    st = sub.add_parser("stats", help="entries and rows per knowledge base, loaded models")
+    st = sub.add_parser("stats", parents=[common],
+                        help="entries and rows per knowledge base, loaded models")
     st.add_argument("--knowledge-base", "-k", default="")
-    hl = sub.add_parser("health", help="exit 0 when the server reports SERVING (Docker check)")
+    hl = sub.add_parser("health", parents=[common],
+                        help="exit 0 when the server reports SERVING (Docker check)")
     hl.add_argument("--wait", type=float, default=3.0, help="seconds to wait for SERVING")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """argv parsed, global options before or after the subcommand; those not given defaulted."""
+    parser = parser or build_parser()
+    # A namespace holding the defaults: the top level and the subcommand overwrite only what
+    # they were given (after the subcommand wins over before it).
+    return parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(argv, parser)
     if args.command == "ask" and not (args.question or args.audio or args.image):
         parser.error("ask needs a question, --audio or --image")
     handlers = {"ask": _ask, "ingest": _ingest, "stats": _stats, "health": _health}

@@ -16,6 +16,7 @@ from .v1 import supportqa_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # matches the server's default limit
 UPSERT_SUMMARY_KEY = "supportqa-upsert-summary-bin"
+DRY_RUN_KEY = "supportqa-dry-run"  # Upsert metadata: validate every entry, write nothing
 RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 AUDIO_FORMATS = {
@@ -197,14 +198,18 @@ class SupportClient(_Base):
         except grpc.RpcError as e:
             raise _error(e) from None
 
-    def upsert(self, entries: Iterable[pb.Entry | dict], *,
-               timeout: float | None = None) -> pb.UpsertSummary:
-        """Writes entries (messages or dicts in the JSONL format) in one stream."""
+    def upsert(self, entries: Iterable[pb.Entry | dict], *, timeout: float | None = None,
+               dry_run: bool = False) -> pb.UpsertSummary:
+        """Writes entries (messages or dicts in the JSONL format) in one stream.
+
+        With ``dry_run`` the server validates every entry and writes none: the summary's
+        ``failures`` list each entry it would refuse (by its 0-based index).
+        """
         call = self._knowledge.Upsert.with_call
         try:
             summary, _ = call(
                 (_entry(e) for e in entries), timeout=timeout or self.timeout,
-                metadata=self._metadata,
+                metadata=self._metadata + (((DRY_RUN_KEY, "1"),) if dry_run else ()),
             )
             return summary
         except grpc.RpcError as e:
@@ -314,10 +319,10 @@ class AsyncSupportClient(_Base):
             raise _error(e) from None
 
     async def upsert(self, entries: Iterable[pb.Entry | dict], *,
-                     timeout: float | None = None) -> pb.UpsertSummary:
+                     timeout: float | None = None, dry_run: bool = False) -> pb.UpsertSummary:
         call = self._knowledge.Upsert(
             (_entry(e) for e in entries), timeout=timeout or self.timeout,
-            metadata=self._metadata,
+            metadata=self._metadata + (((DRY_RUN_KEY, "1"),) if dry_run else ()),
         )
         try:
             return await call

@@ -43,7 +43,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def text_settings(tmp_path_factory: pytest.TempPathFactory):
     """Settings for a text-only server: port 0, fresh data dir, no voice/image models."""
-    from supportqa_server.settings import Settings
+    from supportqa_server.runtime.settings import Settings
 
     return Settings(
         port=0, data_dir=tmp_path_factory.mktemp("data"), speech_model="", clip_model="",
@@ -56,8 +56,8 @@ async def text_server(text_settings):
     """A running text server with the sample knowledge base ingested; yields its target."""
     from supportqa.client import AsyncSupportClient
     from supportqa.knowledge_file import read_entries
-    from supportqa_server.app import running_server
-    from supportqa_server.evaluation import wait_for_head
+    from supportqa_server.api.server import running_server
+    from supportqa_tools.evaluation import wait_for_head
 
     async with running_server(text_settings) as target:
         async with AsyncSupportClient(target) as client:

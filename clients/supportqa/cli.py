@@ -169,13 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_with_globals(parser: argparse.ArgumentParser, argv: list[str] | None,
+                       defaults: dict) -> argparse.Namespace:
+    """argv parsed by a parser whose global options (default argparse.SUPPRESS) are on the
+    top level and on every subcommand; ``defaults`` fill those given nowhere. Also used by
+    `supportqa-server`."""
+    # A namespace holding the defaults: the top level and the subcommand overwrite only what
+    # they were given (after the subcommand wins over before it).
+    return parser.parse_args(argv, namespace=argparse.Namespace(**defaults))
+
+
 def parse_args(argv: list[str] | None = None,
                parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """argv parsed, global options before or after the subcommand; those not given defaulted."""
-    parser = parser or build_parser()
-    # A namespace holding the defaults: the top level and the subcommand overwrite only what
-    # they were given (after the subcommand wins over before it).
-    return parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+    return parse_with_globals(parser or build_parser(), argv, GLOBAL_DEFAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

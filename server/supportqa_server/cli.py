@@ -90,10 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None,
                parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """argv parsed, global options before or after the subcommand; those not given defaulted."""
-    parser = parser or build_parser()
-    # A namespace holding the defaults: the top level and the subcommand overwrite only what
-    # they were given (after the subcommand wins over before it).
-    return parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+    from supportqa.cli import parse_with_globals
+
+    return parse_with_globals(parser or build_parser(), argv, GLOBAL_DEFAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

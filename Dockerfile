@@ -25,6 +25,7 @@ COPY pyproject.toml Makefile README.md ./
 COPY protos ./protos
 COPY clients ./clients
 COPY server ./server
+COPY tools ./tools
 COPY scripts ./scripts
 COPY knowledge ./knowledge
 # The same set-up as the README's: `make setup` (system packages, torch==2.13.0 first, extras).

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .client import DEFAULT_TARGET, SupportClient, SupportQAError
-from .knowledge_file import KnowledgeFileError, read_numbered
+from .knowledge_file import KnowledgeFileError, read_numbered, repeated_ids
 from .v1 import supportqa_pb2 as pb
 
 ROUTE_NAMES = {pb.ROUTE_DENSE: "dense", pb.ROUTE_LEXICAL: "lexical", pb.ROUTE_READ: "read",
@@ -61,15 +61,10 @@ def _ingest(args: argparse.Namespace, client: SupportClient) -> int:
     except (OSError, UnicodeDecodeError, KnowledgeFileError) as e:
         print(f"error: {e}; nothing written", file=sys.stderr)
         return 2
-    problems, first_line = [], {}
-    for n, e in numbered:
+    for _, e in numbered:
         if args.knowledge_base and not e.knowledge_base:
             e.knowledge_base = args.knowledge_base
-        key = (e.knowledge_base or "default", e.id)
-        if key in first_line:
-            problems.append(f"{path}:{n}: id {e.id!r} is already used on line {first_line[key]}: "
-                            "give every entry its own id")
-        first_line.setdefault(key, n)
+    problems = repeated_ids(path, ((n, e.knowledge_base, e.id) for n, e in numbered))
     checked = client.upsert((e for _, e in numbered), timeout=args.timeout, dry_run=True)
     problems += [f"{path}:{numbered[f.index][0]}: {f.message}" for f in checked.failures]
     if problems:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -85,3 +85,18 @@ def read_numbered(path: str | Path) -> Iterator[tuple[int, pb.Entry]]:
             except json.JSONDecodeError as err:
                 raise KnowledgeFileError(f"{path}:{n}: not valid JSON ({err.msg})") from err
             yield n, entry_from_dict(d, base_dir=path.parent, where=f"{path}:{n}")
+
+
+def repeated_ids(path: str | Path, entries: Iterable[tuple[int, str, str]]) -> list[str]:
+    """"FILE:LINE: ..." for each entry whose (knowledge base, id) an earlier line already
+    used; ``entries`` are (line, knowledge base, id)."""
+    first: dict[tuple[str, str], int] = {}
+    out = []
+    for line, kb, entry_id in entries:
+        key = (kb or "default", entry_id)
+        if key in first:
+            out.append(f"{path}:{line}: id {entry_id!r} is already used on line {first[key]}: "
+                       "give every entry its own id")
+        else:
+            first[key] = line
+    return out

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import logging
-import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -42,7 +39,6 @@ from supportqa_server.answering.types import (  # noqa: F401 - the answering API
     UpsertResult,
 )
 from supportqa_server.errors import (
-    DataDirInUse,
     InvalidInput,
     NotAvailable,
     NotReady,
@@ -57,6 +53,7 @@ from supportqa_server.knowledge.store import (
     unfit,
 )
 from supportqa_server.runtime.batching import MicroBatcher
+from supportqa_server.runtime.datadir import lock_data_dir
 from supportqa_server.runtime.settings import KB_NAME_PATTERN, Settings
 
 log = logging.getLogger(__name__)
@@ -116,32 +113,6 @@ class _Query:
     routes: tuple[str, ...] = ()
     weight: float = 1.0  # share in the fusion of the question's lists
     heard: bool = False  # a transcript: ranked with SUPPORTQA_HEAD_WEIGHT_VOICE
-
-
-def lock_data_dir(data_dir: Path):
-    """Takes the data folder's lock (an flock on data_dir/.lock, released when the process
-    ends, however it ends); returns the open lock file.
-
-    Raises:
-        DataDirInUse: another process holds it; the message names its pid.
-    """
-    f = (data_dir / ".lock").open("a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise DataDirInUse(
-            f"data folder {data_dir} is in use by another process (pid {holder}): stop it, "
-            "or give this server its own SUPPORTQA_DATA_DIR (replicas share a Milvus server "
-            "through SUPPORTQA_MILVUS_URI, not a folder)"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 def _dtype_name(dtype) -> str:

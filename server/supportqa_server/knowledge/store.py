@@ -335,7 +335,7 @@ class KnowledgeStore:
         c.load_collection(_rows_name(kb))
         if self.image_dim:
             if not c.has_collection(_images_name(kb)):
-                self._create_images(kb)
+                self._create_images(kb, self.image_dim)
             c.load_collection(_images_name(kb))
             state.image_dim = self._vector_width(_images_name(kb))
         for batch in self._scan(_entries_name(kb), ["version", "doc"]):
@@ -385,60 +385,64 @@ class KnowledgeStore:
         old_images = _images_name(kb, LEGACY_PREFIX)
         for name in (old_rows, old_entries) + ((old_images,) if old_images in names else ()):
             c.load_collection(name)
-        committed: dict[str, tuple[int, str]] = {}
+        committed: dict[str, tuple[int, str, EntryData]] = {}  # id -> (version, doc, entry)
         for batch in self._scan(old_entries, ["version", "doc"]):
             for r in batch:
-                committed[EntryData.from_json(r["doc"]).id] = (int(r["version"]), r["doc"])
-        saved_dim, saved_image_dim = self.dim, self.image_dim
-        self.dim = self._vector_width(old_rows) or self.dim
-        if old_images in names:
-            self.image_dim = self._vector_width(old_images) or self.image_dim
-        try:
-            self._create(kb)
-            self._kbs.pop(kb)
-            moved = 0
-            for old, new, fields in (
-                (old_rows, _rows_name(kb), ["pk", "kind", "text", "vector"]),
-                (old_images, _images_name(kb), ["pk", "vector"]),
-            ):
-                if old not in names or not self.image_dim and new == _images_name(kb):
-                    continue
-                for batch in self._scan(old, fields, INSERT_BATCH):
-                    rows = []
-                    for r in batch:
-                        entry_id, version, index = r.pop("pk").split("\x1f")
-                        if committed.get(entry_id, (None,))[0] != int(version):
-                            continue
-                        e = EntryData.from_json(committed[entry_id][1])
-                        r.update(pk=_row_pk(key_of(entry_id), int(version), int(index)),
-                                 entry_key=key_of(entry_id), version=int(version))
-                        if "text" in r:
-                            r.update(tags=_tags_field(e.tags), locale=_locale_field(e.locale))
-                        rows.append(r)
-                    if rows:
-                        c.insert(new, rows)
-                        moved += len(rows)
-            docs = [{"key": key_of(i), "version": v, "doc": d, "unused": [0.0, 0.0]}
-                    for i, (v, d) in committed.items()]
-            for i in range(0, len(docs), INSERT_BATCH):
-                c.insert(_entries_name(kb), docs[i : i + INSERT_BATCH])
-        finally:
-            self.dim, self.image_dim = saved_dim, saved_image_dim
+                e = EntryData.from_json(r["doc"])
+                committed[e.id] = (int(r["version"]), r["doc"], e)
+        # The new collections keep the old vectors' widths, whatever this server's models.
+        image_dim = self._vector_width(old_images) if old_images in names else 0
+        self._create_collections(kb, self._vector_width(old_rows) or self.dim, image_dim)
+        moved = 0
+        for old, new, fields in (
+            (old_rows, _rows_name(kb), ["pk", "kind", "text", "vector"]),
+            (old_images, _images_name(kb), ["pk", "vector"]),
+        ):
+            if old not in names:
+                continue
+            for batch in self._scan(old, fields, INSERT_BATCH):
+                rows = []
+                for r in batch:
+                    entry_id, version, index = r.pop("pk").split("\x1f")
+                    if committed.get(entry_id, (None,))[0] != int(version):
+                        continue
+                    e = committed[entry_id][2]
+                    r.update(pk=_row_pk(key_of(entry_id), int(version), int(index)),
+                             entry_key=key_of(entry_id), version=int(version))
+                    if "text" in r:
+                        r.update(tags=_tags_field(e.tags), locale=_locale_field(e.locale))
+                    rows.append(r)
+                if rows:
+                    c.insert(new, rows)
+                    moved += len(rows)
+        docs = [{"key": key_of(i), "version": v, "doc": d, "unused": [0.0, 0.0]}
+                for i, (v, d, _) in committed.items()]
+        for i in range(0, len(docs), INSERT_BATCH):
+            c.insert(_entries_name(kb), docs[i : i + INSERT_BATCH])
         for name in (old_rows, old_entries, old_images):
             if name in names:
                 c.drop_collection(name)
         log.warning("knowledge base %r: moved %d entries and %d rows to the keyed layout",
                     kb, len(committed), moved)
 
-    def _create_images(self, kb: str) -> None:
+    @staticmethod
+    def _row_schema():
+        """The fields every row collection starts with: its key and its entry's key and
+        version."""
         from pymilvus import DataType, MilvusClient
 
-        c = self.client
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
         schema.add_field("entry_key", DataType.VARCHAR, max_length=KEY_HEX)
         schema.add_field("version", DataType.INT64)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.image_dim)
+        return schema
+
+    def _create_images(self, kb: str, image_dim: int) -> None:
+        from pymilvus import DataType
+
+        c = self.client
+        schema = self._row_schema()
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=image_dim)
         index = c.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="IP")
         c.create_collection(
@@ -446,18 +450,23 @@ class KnowledgeStore:
         )
 
     def _create(self, kb: str) -> _KB:
+        self._create_collections(kb, self.dim, self.image_dim)
+        state = _KB(kb)
+        self._kbs[kb] = state
+        return state
+
+    def _create_collections(self, kb: str, dim: int, image_dim: int) -> None:
+        """A knowledge base's collections, for text vectors of ``dim`` and, when
+        ``image_dim``, CLIP vectors of that width."""
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
         c = self.client
-        rows = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        rows.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
-        rows.add_field("entry_key", DataType.VARCHAR, max_length=KEY_HEX)
-        rows.add_field("version", DataType.INT64)
+        rows = self._row_schema()
         rows.add_field("kind", DataType.VARCHAR, max_length=16)
         rows.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True)
         rows.add_field("tags", DataType.VARCHAR, max_length=MAX_TAGS * (TAG_KEY_HEX + 1) + 1)
         rows.add_field("locale", DataType.VARCHAR, max_length=TAG_KEY_HEX)
-        rows.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        rows.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index = c.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="IP")  # unit vectors: cosine
         if self.lexical:
@@ -482,11 +491,8 @@ class KnowledgeStore:
         c.create_collection(
             _entries_name(kb), schema=entries, index_params=eindex, consistency_level="Strong"
         )
-        if self.image_dim:
-            self._create_images(kb)
-        state = _KB(kb)
-        self._kbs[kb] = state
-        return state
+        if image_dim:
+            self._create_images(kb, image_dim)
 
     def _vector_width(self, collection: str) -> int:
         fields = self.client.describe_collection(collection).get("fields", [])

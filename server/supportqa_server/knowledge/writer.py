@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from supportqa_server.errors import InvalidInput, TooLarge
-
-log = logging.getLogger(__name__)
 
 WRITE_BATCH = 64  # entries embedded and written together
 MAX_REPORTED = 20  # invalid lines named in one error: enough to fix a file in rounds
@@ -77,10 +74,9 @@ class EntryWriter:
                 raise
             self.report.rejected.append(Rejected(index, entry.id, str(e)))
             return
-        key = (knowledge_base, entry.id)
         if self.dry_run:
-            self._seen.add(key)
             return
+        key = (knowledge_base, entry.id)
         if self._batch and (knowledge_base != self._kb or len(self._batch) >= WRITE_BATCH
                             or any(e.id == entry.id for e in self._batch)):
             await self.flush()
@@ -115,46 +111,36 @@ class FileEntry:
     images: tuple = ()
 
 
-def check_file(pipeline, path: Path, entries: Iterable[FileEntry]) -> list[FileEntry]:
+def check_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> None:
     """Validates every entry of a file before anything is written.
 
     Raises:
         InvalidInput: naming up to MAX_REPORTED problems as "FILE:LINE: what is wrong",
             including an id given twice (both lines named).
     """
-    out: list[FileEntry] = []
+    from supportqa.knowledge_file import repeated_ids
+
     problems: list[str] = []
-    first_line: dict[tuple[str, str], int] = {}
     for i, fe in enumerate(entries):
         try:
             pipeline.validate_entry(i, fe.entry, fe.knowledge_base)
         except (InvalidInput, TooLarge) as e:
             problems.append(f"{path}:{fe.line}: {e}")
-            continue
-        key = (fe.knowledge_base, fe.entry.id)
-        if key in first_line:
-            problems.append(
-                f"{path}:{fe.line}: id {fe.entry.id!r} is already used on line "
-                f"{first_line[key]}: give every entry its own id"
-            )
-            continue
-        first_line[key] = fe.line
-        out.append(fe)
+    problems += repeated_ids(path, ((fe.line, fe.knowledge_base, fe.entry.id) for fe in entries))
     if problems:
         more = len(problems) - MAX_REPORTED
         raise InvalidInput(
             f"{path}: {len(problems)} invalid line(s), nothing written:\n"
             + "\n".join(problems[:MAX_REPORTED]) + (f"\n... and {more} more" if more > 0 else "")
         )
-    return out
 
 
-async def write_file(pipeline, path: Path, entries: Iterable[FileEntry]) -> WriteReport:
+async def write_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> WriteReport:
     """Checks a whole file, then writes it through one EntryWriter: all or nothing as far as
     validation goes (a store failure mid-way keeps what was written before it)."""
-    checked = check_file(pipeline, path, entries)
+    check_file(pipeline, path, entries)
     writer = EntryWriter(pipeline)
-    for fe in checked:
+    for fe in entries:
         await writer.add(fe.knowledge_base, fe.entry, fe.images)
     await writer.flush()
     return writer.report

@@ -116,7 +116,8 @@ def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: 
             f"image is {width}x{height} = {width * height / 1e6:.1f} MP; "
             f"the limit is {max_pixels / 1e6:.1f} MP: send a smaller picture"
         )
-    if max_decode_bytes and decode_bytes(img.mode, width, height) > max_decode_bytes:
+    need = decode_bytes(img.mode, width, height)
+    if max_decode_bytes and need > max_decode_bytes:
         if img.format in ("JPEG", "MPO"):
             for scale in _JPEG_SCALES:
                 size = (-(-width // scale), -(-height // scale))
@@ -126,7 +127,7 @@ def load_image(data: bytes, mime_type: str = "", *, max_bytes: int, max_pixels: 
         if decode_bytes(img.mode, *img.size) > max_decode_bytes:
             raise Overloaded(
                 f"image is {width}x{height} {img.format}: decoding it would take "
-                f"{decode_bytes(img.mode, width, height) / 2**20:.0f} MiB, over this server's "
+                f"{need / 2**20:.0f} MiB, over this server's "
                 f"{max_decode_bytes / 2**20:.0f} MiB per image (SUPPORTQA_MAX_IMAGE_DECODE_BYTES)"
                 ": send a smaller picture, or a JPEG"
             )

@@ -236,7 +236,8 @@ def run_case(n_rows: int, kind: str, index: str, budget_s: float) -> dict:
     import milvus_lite
     import numpy as np
     import pymilvus
-    from supportqa_server.knowledge.store import KnowledgeStore, _rows_name
+    from supportqa_server.knowledge.layout import rows_name
+    from supportqa_server.knowledge.store import KnowledgeStore
 
     res: dict = {
         "milvus_lite": milvus_lite.__version__, "pymilvus": pymilvus.__version__,
@@ -258,7 +259,7 @@ def run_case(n_rows: int, kind: str, index: str, budget_s: float) -> dict:
     res["shim"] = _shim_pymilvus3(c)
     res["store_sha1"] = hashlib.sha1((ROOT / "server/supportqa_server/store.py").read_bytes()
                                      ).hexdigest()[:10]
-    coll = _rows_name(KB)
+    coll = rows_name(KB)
 
     t0 = time.perf_counter()
     store._kb(KB, create=True)  # the collection pair, timed apart from the rows

@@ -99,7 +99,7 @@ def test_fusion_maps_beams_to_their_clip(lm, classes):
 
 
 def test_loop_detector_counts_repeated_runs():
-    from supportqa_server.speech.transcribe import _repeats
+    from supportqa_server.speech.decoding import repeats as _repeats
 
     tok = get_tokenizer(multilingual=False)
     assert _repeats(tok.encode(" I don't know how to do it," * 3))

@@ -204,10 +204,10 @@ def test_transcripts_rank_with_their_own_head_weight():
 
     p = Pipeline(Settings(head_weight=0.5, head_weight_voice=0.1))
     assert p.rank_options.head_weight == 0.5
-    assert p._heard_rank_options.head_weight == 0.1
-    assert p.heads.on
-    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0)).heads.on
-    assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2)).heads.on
+    assert p.heard_rank_options.head_weight == 0.1
+    assert p.kbs.head_on
+    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0)).kbs.head_on
+    assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2)).kbs.head_on
 
 
 @pytest.mark.slow
@@ -229,7 +229,7 @@ async def test_a_knowledge_base_of_another_model_gets_no_head_and_no_crash(tmp_p
     await p.start()
     try:
         for _ in range(100):
-            if (state := p.head_state("other")) != "training":
+            if (state := p.kbs.head_state("other")) != "training":
                 break
             await asyncio.sleep(0.1)
         assert state == "off"
@@ -245,7 +245,7 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
     import asyncio
     import threading
 
-    from supportqa_server.answering import heads as heads_module
+    from supportqa_server.answering import knowledge_bases as heads_module
     from supportqa_server.answering.pipeline import Answer, AskRequest, Pipeline
     from supportqa_server.knowledge.store import EntryData
     from supportqa_server.runtime.settings import Settings
@@ -282,12 +282,12 @@ async def test_the_pipeline_builds_and_fits_its_head_on_the_model_thread(tmp_pat
                       questions=("is there a transfer fee", "what fee for a transfer")),
         ])
         for _ in range(200):
-            if p.head_state("kb") == "ready":
+            if p.kbs.head_state("kb") == "ready":
                 break
             await asyncio.sleep(0.05)
-        assert p.head_state("kb") == "ready"
+        assert p.kbs.head_state("kb") == "ready"
         assert threads and all(t.startswith("models") for t in threads), threads
-        assert p.heads.heads["kb"].words is not None  # "card", "lost", "fee", "transfer" ...
+        assert p.kbs.state("kb").head.words is not None  # "card", "lost", "fee", "transfer" ...
         # Questions are scored in their encoder batch's job, on the model thread too: numpy
         # there, and no Python of theirs holding the GIL on the event loop.
         async def events(q: str) -> list:
@@ -310,7 +310,7 @@ async def test_questions_ranked_with_the_head_fetch_fewer_rows(tmp_path, monkeyp
     without it (voice, HEAD_WEIGHT=0, a head still training) the ranking needs the 200."""
     import asyncio
 
-    from supportqa_server.answering import heads as heads_module
+    from supportqa_server.answering import knowledge_bases as heads_module
     from supportqa_server.answering.pipeline import AskRequest, Pipeline
     from supportqa_server.knowledge.store import EntryData, KnowledgeStore
     from supportqa_server.runtime.settings import Settings
@@ -333,7 +333,7 @@ async def test_questions_ranked_with_the_head_fetch_fewer_rows(tmp_path, monkeyp
             EntryData(id="fee", answer="Transfers are free.", questions=("transfer fee",)),
         ])
         for _ in range(200):
-            if head_weight == 0 or p.head_state("kb") == "ready":
+            if head_weight == 0 or p.kbs.head_state("kb") == "ready":
                 break
             await asyncio.sleep(0.05)
         [e async for e in p.ask(AskRequest(text="my card got lost", knowledge_base="kb"))]

@@ -117,3 +117,34 @@ def test_the_server_package_imports_point_one_way():
                     target = mod.split(".")[1]
                     if target in order:
                         assert order[target] < order[layer] or target == layer, (path, mod)
+
+
+def test_one_audio_format_table_for_proto_server_and_client():
+    """The proto's AudioFormat enum is the list: the server's decoder knows each by the name
+    its converter derives, and the client's names reach every one of them."""
+    from supportqa.client import AUDIO_FORMATS as CLIENT
+    from supportqa.v1 import supportqa_pb2 as pb
+    from supportqa_server.api.converters import AUDIO_FORMATS as SERVER
+    from supportqa_server.speech.audio import FORMATS
+
+    assert set(SERVER) == set(pb.AudioFormat.values())
+    assert set(SERVER.values()) == set(FORMATS)
+    assert set(CLIENT.values()) == set(pb.AudioFormat.values())
+
+
+def test_modules_and_classes_stay_readable():
+    """No server or tools module over 600 lines, no class over 25 methods: past that a module
+    holds several jobs, and the next change lands in the wrong one."""
+    import ast
+
+    for pkg in (ROOT / "server" / "supportqa_server", ROOT / "tools" / "supportqa_tools"):
+        for path in pkg.rglob("*.py"):
+            text = path.read_text()
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            assert text.count("\n") <= 600, f"{path.relative_to(ROOT)}: split it by job"
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.ClassDef):
+                    methods = [n for n in node.body
+                               if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+                    assert len(methods) <= 25, f"{path.name}: {node.name} has {len(methods)}"

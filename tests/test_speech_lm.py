@@ -1,10 +1,12 @@
-"""The pipeline's per-knowledge-base speech language models: built once, rebuilt after writes
+"""Per-knowledge-base speech language models: built once, rebuilt after writes
 (at most every LM_REBUILD_S), none when off. A fake recogniser: this is about the cache."""
 
 from __future__ import annotations
 
 import pytest
+from supportqa_server.answering import knowledge_bases as kbs_module
 from supportqa_server.answering import pipeline as pipeline_module
+from supportqa_server.answering.knowledge_bases import KnowledgeBases
 from supportqa_server.answering.pipeline import Pipeline
 from supportqa_server.runtime.settings import Settings
 
@@ -40,34 +42,35 @@ class FakeSpeech:
 
 @pytest.fixture
 def pipe(tmp_path, monkeypatch):
-    p = Pipeline(Settings(data_dir=tmp_path))
-    p.store, p.speech = FakeStore(), FakeSpeech()
+    kbs = KnowledgeBases(Settings(data_dir=tmp_path), head_on=False, model_exec=None,
+                         store_exec=None)
+    kbs.store, kbs.speech = FakeStore(), FakeSpeech()
     clock = [1000.0]
-    monkeypatch.setattr(pipeline_module.time, "monotonic", lambda: clock[0])
-    p.clock = clock
-    return p
+    monkeypatch.setattr(kbs_module.time, "monotonic", lambda: clock[0])
+    kbs.clock = clock
+    return kbs
 
 
 def test_built_once_per_revision(pipe):
-    first = pipe._speech_lm("kb")
+    first = pipe.speech_lm("kb")
     assert first == ("lm", ("text 0",))
-    assert pipe._speech_lm("kb") is first
+    assert pipe.speech_lm("kb") is first
     assert pipe.store.reads == 1
 
 
 def test_rebuilt_after_a_write_but_not_more_often_than_the_limit(pipe):
-    first = pipe._speech_lm("kb")
+    first = pipe.speech_lm("kb")
     pipe.store.revisions["kb"] = 1
-    assert pipe._speech_lm("kb") is first  # within LM_REBUILD_S: the slightly stale model
-    pipe.clock[0] += pipeline_module.LM_REBUILD_S + 1
-    assert pipe._speech_lm("kb") == ("lm", ("text 1",))
+    assert pipe.speech_lm("kb") is first  # within LM_REBUILD_S: the slightly stale model
+    pipe.clock[0] += kbs_module.LM_REBUILD_S + 1
+    assert pipe.speech_lm("kb") == ("lm", ("text 1",))
     assert pipe.store.reads == 2
 
 
 def test_none_when_off_or_for_an_unknown_knowledge_base(pipe):
-    assert pipe._speech_lm("missing") is None
+    assert pipe.speech_lm("missing") is None
     pipe.speech.lm_weight = 0.0
-    assert pipe._speech_lm("kb") is None
+    assert pipe.speech_lm("kb") is None
     assert pipe.store.reads == 0
 
 
@@ -92,8 +95,8 @@ async def test_torch_models_run_on_one_thread(tmp_path):
                 return fn(*args, **kwargs)
             return run
 
-        p.encoder.encode_sorted = spy(p.encoder.encode_sorted)
-        p.speech.transcribe_batch = spy(p.speech.transcribe_batch)
+        p.models.encoder.encode_sorted = spy(p.models.encoder.encode_sorted)
+        p.models.speech.transcribe_batch = spy(p.models.speech.transcribe_batch)
         await p.upsert("kb", [EntryData(id="pin", title="Reset my PIN", answer="Cards > PIN.")])
         events = [e async for e in p.ask(p.check(
             AskRequest(audio=AudioInput(synthesize_speech("how do I reset my PIN")),

@@ -129,15 +129,15 @@ def test_row_hits_found_before_a_write_are_dropped_after_it(store):
     assert {h.text for h in dense} == {"alpha", "first"}
     state = store._kbs["kb"]
     old_key = f"{key_of('a')}.{state.committed['a'][0]}.0"
-    assert [h.text for h in store._live(state, [(old_key, 0.9)])] == ["alpha"]
+    assert [h.text for h in state.live([(old_key, 0.9)])] == ["alpha"]
     a2 = EntryData(id="a", title="alpha two", answer="second")
     store.upsert("kb", [a2], [vectors(a2, 0)])
     # Milvus may still send a row of the replaced version: it no longer counts
-    assert store._live(state, [(old_key, 0.9)]) == []
+    assert state.live([(old_key, 0.9)]) == []
     new_key = f"{key_of('a')}.{state.committed['a'][0]}.0"
-    assert [h.text for h in store._live(state, [(new_key, 0.9)])] == ["alpha two"]
+    assert [h.text for h in state.live([(new_key, 0.9)])] == ["alpha two"]
     store.delete("kb", ["a"])
-    assert store._live(state, [(new_key, 0.9)]) == []
+    assert state.live([(new_key, 0.9)]) == []
 
 
 def test_delete_reports_missing(store):
@@ -209,11 +209,12 @@ def test_a_knowledge_base_written_by_another_text_model_says_so(tmp_path):
     wide.open()
     try:
         with pytest.raises(WrongModel, match=r"written with 8-d text vectors.*gives 16-d"):
-            wide.search_dense("kb", np.zeros((1, DIM * 2), dtype=np.float32), limit=5)
+            wide.search("kb", np.zeros((1, DIM * 2), dtype=np.float32), ["x"], limit=5)
         b = EntryData(id="b", title="beta", answer="new")
         with pytest.raises(WrongModel, match="fresh SUPPORTQA_DATA_DIR"):
             wide.upsert("kb", [b], [np.zeros((len(b.texts()), DIM * 2), dtype=np.float32)])
-        assert ids(wide.search_lexical("kb", ["alpha"], limit=5)[0]) == ["a"]
+        (_, lexical), = wide.search("kb", None, ["alpha"], limit=5)
+        assert ids(lexical) == ["a"]
         assert wide.get("kb", "a").answer == "kept"
         assert wide.counts("kb") == (1, 2, 0)
         # a knowledge base it creates itself is as wide as its model

@@ -193,7 +193,7 @@ def test_beam_search_drops_finished_clips_from_the_batch(tiny32, speechbrain, jf
     every clip is heard as when the batch keeps all rows to the end (float32: token for
     token)."""
     tiny = tiny32
-    from supportqa_server.speech import transcribe
+    from supportqa_server.speech import decoding
     from whisper.decoding import PyTorchInference
 
     clips = [*speechbrain[0][:3], jfk]  # the 11-s clip decodes for many more steps
@@ -207,26 +207,26 @@ def test_beam_search_drops_finished_clips_from_the_batch(tiny32, speechbrain, jf
 
     monkeypatch.setattr(PyTorchInference, "logits", spy)
     fused: list[tuple[int, int]] = []  # (rows, clips the KB filter maps them to)
-    apply = transcribe.KnowledgeBias.apply
+    apply = decoding.KnowledgeBias.apply
 
     def spy_bias(self, logits, tokens):
         fused.append((logits.shape[0], len(self.models) * self.beams))
         apply(self, logits, tokens)
 
-    monkeypatch.setattr(transcribe.KnowledgeBias, "apply", spy_bias)
+    monkeypatch.setattr(decoding.KnowledgeBias, "apply", spy_bias)
     monkeypatch.setattr(tiny, "lm_weight", 0.3)
     lms = [tiny.knowledge_lm(speechbrain[1])] * 3 + [None]  # the KB model's rows drop too
     dropping = tiny.transcribe_batch(clips, lms=lms)
     assert rows[0] == 12 and rows[-1] == 3  # 4 clips x 3 beams; the long clip ends alone
     assert rows == sorted(rows, reverse=True)
     assert [r for r, _ in fused] == rows and all(r == m for r, m in fused)
-    loop = transcribe._FeaturesTask._main_loop
+    loop = decoding.FeaturesTask._main_loop
 
     def keep_all(self, audio_features, tokens):
         self.drop_finished = False
         return loop(self, audio_features, tokens)
 
-    monkeypatch.setattr(transcribe._FeaturesTask, "_main_loop", keep_all)
+    monkeypatch.setattr(decoding.FeaturesTask, "_main_loop", keep_all)
     rows.clear()
     kept = tiny.transcribe_batch(clips, lms=lms)
     assert set(rows) == {12}
@@ -404,7 +404,7 @@ def test_batched_beam_step_keeps_whispers_beams():
     """The one-topk beam step gives whisper's tokens, sums, kv-cache order, finished
     candidates and stop decision, step by step, on random logits where eot often wins."""
     import torch
-    from supportqa_server.speech.transcribe import _BatchedBeamDecoder
+    from supportqa_server.speech.decoding import BatchedBeamDecoder
     from whisper.decoding import BeamSearchDecoder
 
     class Recorder:
@@ -418,7 +418,7 @@ def test_batched_beam_step_keeps_whispers_beams():
     gen = torch.Generator().manual_seed(0)
     ref_inf, new_inf = Recorder(), Recorder()
     ref = BeamSearchDecoder(beams, eot, ref_inf)
-    new = _BatchedBeamDecoder(beams, eot, new_inf)
+    new = BatchedBeamDecoder(beams, eot, new_inf)
     tokens = torch.full((n_audio * beams, 3), 1, dtype=torch.long)
     ref_tokens, new_tokens = tokens.clone(), tokens.clone()
     ref_sums, new_sums = torch.zeros(n_audio * beams), torch.zeros(n_audio * beams)
@@ -441,7 +441,7 @@ def test_shared_prior_attention_is_attention_over_all_positions(shared, per_clip
     output equals plain attention over the concatenated keys and values, row by row, with
     each clip's beams in consecutive rows."""
     import torch
-    from supportqa_server.speech.transcribe import _SharedPriorCrossAttention
+    from supportqa_server.speech.decoding import SharedPriorCrossAttention
 
     gen = torch.Generator().manual_seed(2)
     clips, beams, heads, d, c, length, t = 3, 4, 2, 8, 5, 7, 2
@@ -456,7 +456,7 @@ def test_shared_prior_attention_is_attention_over_all_positions(shared, per_clip
     v_clip = torch.randn(clips, c, width, generator=gen)
     k, v = ((k_clip, v_clip) if per_clip
             else (k_clip.repeat_interleave(beams, dim=0), v_clip.repeat_interleave(beams, dim=0)))
-    out, _ = _SharedPriorCrossAttention(heads, prior_of, beams)(q, k, v)
+    out, _ = SharedPriorCrossAttention(heads, prior_of, beams)(q, k, v)
     for row in range(clips * beams):
         kp, vp = prior_of[row // beams]
         keys = torch.cat([k_clip[row // beams], kp])

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import grpc
 
+from supportqa.client import AUDIO_FORMATS, audio_format_of
 from supportqa.v1 import supportqa_pb2, supportqa_pb2_grpc
 
 Question = supportqa_pb2.Question
@@ -26,16 +27,6 @@ RETRY_LATER = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # a caller with backoff wai
 
 # The API key travels as "authorization: Bearer <key>", as supportqa.client sends it.
 API_KEY_METADATA = "authorization"
-
-AUDIO_FORMATS = {
-    ".wav": supportqa_pb2.AUDIO_FORMAT_WAV,
-    ".flac": supportqa_pb2.AUDIO_FORMAT_FLAC,
-    ".ogg": supportqa_pb2.AUDIO_FORMAT_OGG,
-    ".opus": supportqa_pb2.AUDIO_FORMAT_OGG,
-    ".mp3": supportqa_pb2.AUDIO_FORMAT_MP3,
-    ".pcm": supportqa_pb2.AUDIO_FORMAT_PCM16,
-    ".raw": supportqa_pb2.AUDIO_FORMAT_PCM16,
-}
 
 IMAGE_MIME_TYPES = {
     ".png": "image/png",
@@ -398,7 +389,7 @@ def load_questions(
     if audio_files:
         pool = []
         for path in map(Path, audio_files):
-            fmt = AUDIO_FORMATS.get(path.suffix.lower(), supportqa_pb2.AUDIO_FORMAT_UNSPECIFIED)
+            fmt = AUDIO_FORMATS[audio_format_of(path)]
             audio = supportqa_pb2.Audio(data=path.read_bytes(), format=fmt)
             if fmt == supportqa_pb2.AUDIO_FORMAT_PCM16:
                 audio.sample_rate_hz = pcm_sample_rate_hz

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .client import DEFAULT_TARGET, SupportClient, SupportQAError
+from .client import AUDIO_FORMATS, DEFAULT_TARGET, SupportClient, SupportQAError, audio_format_of
 from .knowledge_file import KnowledgeFileError, read_numbered, repeated_ids
 from .v1 import supportqa_pb2 as pb
 
@@ -27,10 +27,10 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
                         min_score=args.min_score, tags=args.tag or (), locale=args.locale,
                         language=args.language)
     if args.audio:
+        fmt = audio_format_of(args.audio)
+        # Raw PCM needs its sample rate, which the CLI does not take: send containers only.
         kwargs.update(audio=Path(args.audio).read_bytes(),
-                      audio_format=Path(args.audio).suffix.lstrip(".").lower())
-        if kwargs["audio_format"] not in ("wav", "flac", "ogg", "opus", "mp3"):
-            kwargs["audio_format"] = ""
+                      audio_format="" if AUDIO_FORMATS[fmt] == AUDIO_FORMATS["pcm16"] else fmt)
     if args.image:
         kwargs.update(image=Path(args.image).read_bytes(),
                       image_mime=mimetypes.guess_type(args.image)[0] or "")

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,8 +23,15 @@ RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 AUDIO_FORMATS = {
     "": pb.AUDIO_FORMAT_UNSPECIFIED, "wav": pb.AUDIO_FORMAT_WAV, "flac": pb.AUDIO_FORMAT_FLAC,
     "ogg": pb.AUDIO_FORMAT_OGG, "opus": pb.AUDIO_FORMAT_OGG, "mp3": pb.AUDIO_FORMAT_MP3,
-    "pcm16": pb.AUDIO_FORMAT_PCM16, "raw": pb.AUDIO_FORMAT_PCM16,
+    "pcm16": pb.AUDIO_FORMAT_PCM16, "pcm": pb.AUDIO_FORMAT_PCM16, "raw": pb.AUDIO_FORMAT_PCM16,
 }
+
+
+def audio_format_of(path: str | Path) -> str:
+    """The audio format a file's suffix names (a key of AUDIO_FORMATS), "" when it names none
+    (the server then tells the format from the bytes)."""
+    fmt = Path(path).suffix.lstrip(".").lower()
+    return fmt if fmt in AUDIO_FORMATS else ""
 
 Event = pb.Accepted | pb.Transcript | pb.ImageText | pb.Answer | pb.NoAnswer | pb.Done
 

@@ -11,6 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from supportqa_server.answering.models import SPEECH
+from supportqa_server.answering.search import us_since
 from supportqa_server.answering.types import (
     Accepted,
     AskRequest,
@@ -22,10 +24,6 @@ from supportqa_server.answering.types import (
     Transcript,
 )
 from supportqa_server.errors import Cancelled, InvalidInput, Overloaded, TooLarge
-
-
-def _us(t0: float) -> int:
-    return int((time.perf_counter() - t0) * 1e6)
 
 
 async def converse(
@@ -72,15 +70,15 @@ async def converse(
         async for ev in _receive_utterance(p, receive, first, req, buf, max_bytes):
             yield ev
     finally:
-        p._buffered_audio -= len(buf)
+        p.buffered_audio -= len(buf)
     if not buf:
         raise InvalidInput("the utterance holds no audio: send audio_chunk messages")
     t0 = time.perf_counter()
-    clip = await asyncio.get_running_loop().run_in_executor(
-        p._decode_exec, _decode_buffer, p, bytes(buf), first)
+    utterance = await asyncio.get_running_loop().run_in_executor(
+        p.models.decode_exec, _decode_buffer, p, bytes(buf), first)
     del buf[:]
-    timings.decode_us += _us(t0)
-    async for ev in p._answer(req, clip, timings, t_start):
+    timings.decode_us += us_since(t0)
+    async for ev in p.answer_accepted(req, utterance, timings, t_start):
         yield ev
 
 def _decode_buffer(p, data: bytes, first: ConverseStart) -> np.ndarray:
@@ -115,14 +113,14 @@ async def _receive_utterance(p, receive, first: ConverseStart, req: AskRequest,
                     f"{max_bytes / 2**20:.0f} MiB; end it with EndOfUtterance or use "
                     "end_silence_ms"
                 )
-            if p._buffered_audio + len(msg) > s.max_buffered_audio_bytes:
+            if p.buffered_audio + len(msg) > s.max_buffered_audio_bytes:
                 raise Overloaded(
                     f"this server holds {s.max_buffered_audio_bytes / 2**20:.0f} MiB of "
                     "streamed audio already (SUPPORTQA_MAX_BUFFERED_AUDIO_BYTES); retry with "
                     "backoff"
                 )
             buf += msg
-            p._buffered_audio += len(msg)
+            p.buffered_audio += len(msg)
             if partial is not None and partial.done():
                 heard = partial.result()
                 partial = None
@@ -143,8 +141,8 @@ async def _receive_utterance(p, receive, first: ConverseStart, req: AskRequest,
 
 async def _partial(p, samples: np.ndarray, req: AskRequest):
     try:
-        return await p._submit(
-            "speech", (samples, req.language, req.knowledge_base), req.timeout
+        return await p.models.submit(
+            SPEECH, (samples, req.language, req.knowledge_base), req.timeout
         )
     except Exception:  # noqa: BLE001 - a partial transcript is best effort
         return None

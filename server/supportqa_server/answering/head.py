@@ -17,7 +17,7 @@ accuracy went from 0.946 to 0.948 at the same NoAnswer recall (docs/benchmarks/q
 
 Training is full-batch L-BFGS in torch on the vectors already stored and the rows' words:
 about 6 s for 8,000 rows of 384 floats, ~9,000 terms and 77 entries on 2 cores (4 s without
-words). The pipeline retrains it after writes (Pipeline._keep_head) and only uses a head
+words). The pipeline retrains it after writes (knowledge_bases.py) and only uses a head
 trained on the knowledge base's current revision.
 """
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from supportqa_server.knowledge.store import RowHit
+from supportqa_server.knowledge.entries import RowHit
 
 DENSE, LEXICAL, READ, SEE = "dense", "lexical", "read", "see"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from supportqa_server.knowledge.store import EntryData
+from supportqa_server.knowledge.entries import EntryData
 from supportqa_server.runtime.settings import DEFAULT_KB
 
 MAX_TOP_K = 50

@@ -6,17 +6,15 @@ from supportqa.v1 import supportqa_pb2 as pb
 
 from supportqa_server.answering import pipeline as p
 from supportqa_server.answering.rank import DENSE, LEXICAL, READ, SEE
-from supportqa_server.knowledge.store import EntryData
+from supportqa_server.knowledge.entries import EntryData
 from supportqa_server.knowledge.writer import WriteReport
 from supportqa_server.runtime.settings import DEFAULT_KB
 
+# AUDIO_FORMAT_FLAC -> "flac", as speech.audio.FORMATS names them; UNSPECIFIED -> "" (sniffed).
 AUDIO_FORMATS = {
-    pb.AUDIO_FORMAT_UNSPECIFIED: "",
-    pb.AUDIO_FORMAT_WAV: "wav",
-    pb.AUDIO_FORMAT_FLAC: "flac",
-    pb.AUDIO_FORMAT_OGG: "ogg",
-    pb.AUDIO_FORMAT_MP3: "mp3",
-    pb.AUDIO_FORMAT_PCM16: "pcm16",
+    v: "" if v == pb.AUDIO_FORMAT_UNSPECIFIED else pb.AudioFormat.Name(v).removeprefix(
+        "AUDIO_FORMAT_").lower()
+    for v in pb.AudioFormat.values()
 }
 ROUTES = {DENSE: pb.ROUTE_DENSE, LEXICAL: pb.ROUTE_LEXICAL, READ: pb.ROUTE_READ, SEE: pb.ROUTE_SEE}
 

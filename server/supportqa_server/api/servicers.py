@@ -25,7 +25,7 @@ from supportqa_server.errors import (
     Unauthenticated,
     WrongModel,
 )
-from supportqa_server.knowledge.store import MAX_ID_BYTES
+from supportqa_server.knowledge.entries import MAX_ID_BYTES
 from supportqa_server.knowledge.writer import EntryWriter, Rejected
 
 log = logging.getLogger(__name__)

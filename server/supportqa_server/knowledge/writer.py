@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from supportqa_server.errors import InvalidInput, TooLarge
+from supportqa_server.knowledge.entries import EntryData, short_id, unfit
+from supportqa_server.runtime.settings import KB_NAME_PATTERN
 
 WRITE_BATCH = 64  # entries embedded and written together
 MAX_REPORTED = 20  # invalid lines named in one error: enough to fix a file in rounds
+MAX_QUESTIONS = 200  # paraphrases per entry
+_KB_RE = re.compile(KB_NAME_PATTERN)
+
+
+def check_kb_name(name: str, where: str = "") -> None:
+    """Raises InvalidInput unless name can name a knowledge base."""
+    if not _KB_RE.match(name):
+        raise InvalidInput(
+            f"{where}knowledge base name {name!r} is invalid: use 1-64 of A-Z a-z 0-9 _"
+        )
+
+
+def validate_entry(index: int, e: EntryData, knowledge_base: str) -> None:
+    """Raises InvalidInput naming the entry (its place in the stream) when it cannot be
+    written."""
+    where = f"entry #{index}" + (f" (id {short_id(e.id)})" if e.id else "")
+    check_kb_name(knowledge_base, f"{where}: ")
+    if not e.id.strip():
+        raise InvalidInput(f"{where} has no id: give every entry a stable unique id")
+    if not e.answer.strip():
+        raise InvalidInput(f"{where} has no answer: every entry needs the answer text")
+    if len(e.questions) > MAX_QUESTIONS:
+        raise InvalidInput(
+            f"{where} has {len(e.questions)} paraphrases; the limit is {MAX_QUESTIONS}"
+        )
+    if (why := unfit(e)) is not None:
+        raise InvalidInput(f"{where}: {why}")
 
 
 @dataclass
@@ -42,7 +72,7 @@ class EntryWriter:
     caller can check a whole file before its first write.
 
     Args:
-        pipeline: The answering pipeline (its `validate_entry`, `upsert` and store).
+        pipeline: The answering pipeline (its `upsert` and `entry`).
         dry_run: Validate only.
     """
 
@@ -68,7 +98,7 @@ class EntryWriter:
         index = self.report.received
         self.report.received += 1
         try:
-            self.pipeline.validate_entry(index, entry, knowledge_base)
+            validate_entry(index, entry, knowledge_base)
         except (InvalidInput, TooLarge) as e:
             if not self.dry_run:
                 raise
@@ -111,7 +141,7 @@ class FileEntry:
     images: tuple = ()
 
 
-def check_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> None:
+def check_file(path: Path, entries: Sequence[FileEntry]) -> None:
     """Validates every entry of a file before anything is written.
 
     Raises:
@@ -123,7 +153,7 @@ def check_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> None:
     problems: list[str] = []
     for i, fe in enumerate(entries):
         try:
-            pipeline.validate_entry(i, fe.entry, fe.knowledge_base)
+            validate_entry(i, fe.entry, fe.knowledge_base)
         except (InvalidInput, TooLarge) as e:
             problems.append(f"{path}:{fe.line}: {e}")
     problems += repeated_ids(path, ((fe.line, fe.knowledge_base, fe.entry.id) for fe in entries))
@@ -138,7 +168,7 @@ def check_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> None:
 async def write_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> WriteReport:
     """Checks a whole file, then writes it through one EntryWriter: all or nothing as far as
     validation goes (a store failure mid-way keeps what was written before it)."""
-    check_file(pipeline, path, entries)
+    check_file(path, entries)
     writer = EntryWriter(pipeline)
     for fe in entries:
         await writer.add(fe.knowledge_base, fe.entry, fe.images)

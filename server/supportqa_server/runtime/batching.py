@@ -47,7 +47,7 @@ class MicroBatcher(Generic[T, R]):
     arrived, whichever comes first; items that arrive while the model runs wait for the next
     batch, so under load batches fill without waiting. The wait is only spent while callers
     are concurrent, that is after a batch of more than one item: a lone caller's item goes
-    at once (a voice clip alone was held 20 ms for company that never came). At most
+    at once (a voice utterance alone was held 20 ms for company that never came). At most
     `max_queue` items wait; more are refused at once with Overloaded (back-pressure, never an
     unbounded wait). So is an item whose estimated wait (batches queued before it times the
     measured batch time) passes `max_queue_ms` or its own deadline: it would only queue to

@@ -13,8 +13,8 @@ from supportqa_server.errors import InvalidInput, TooLarge
 
 SAMPLE_RATE = 16000  # Hz, what Whisper expects
 MIN_RATE, MAX_RATE = 8000, 48000  # Hz, accepted input sample rates
-MIN_SECONDS = 0.1  # shorter clips hold no word; rejected as empty
-SILENCE_RMS_DBFS = -70.0  # whole-clip RMS below this is a muted mic (~10 LSB of 16-bit PCM)
+MIN_SECONDS = 0.1  # shorter utterances hold no word; rejected as empty
+SILENCE_RMS_DBFS = -70.0  # whole-utterance RMS below this is a muted mic (~10 LSB of 16-bit PCM)
 FORMATS = ("", "wav", "flac", "ogg", "mp3", "pcm16")
 
 FRAME_MS = 20  # energy frames of trailing-silence detection
@@ -94,7 +94,7 @@ def _decode_container(data: bytes, fmt: str, max_seconds: float) -> tuple[np.nda
 def _too_long(seconds: float, max_seconds: float) -> None:
     raise TooLarge(
         f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s: "
-        f"send a shorter clip or stream it with Converse"
+        f"send a shorter utterance or stream it with Converse"
     )
 
 
@@ -117,7 +117,7 @@ def decode_audio(
         fmt: "wav", "flac", "ogg", "mp3", "pcm16", or "" to sniff from the magic bytes.
         sample_rate_hz: PCM16 sample rate, 8000..48000; ignored for other formats.
         channels: PCM16 interleaved channels, 1 or 2 (0 means 1); ignored for other formats.
-        max_seconds: the longest clip accepted.
+        max_seconds: the longest utterance accepted.
 
     Returns:
         float32 samples in [-1, 1], mono, 16 kHz, shape (n,).
@@ -233,7 +233,7 @@ def trailing_silence_ms(samples: np.ndarray, sr: int = SAMPLE_RATE) -> float:
     Frames of FRAME_MS are compared with an adaptive threshold: SPEECH_OVER_NOISE_DB above
     the noise floor (the NOISE_PERCENTILE-th frame level) and never below
     ABSOLUTE_SILENCE_DBFS. The threshold needs speech standing MIN_CONTRAST_DB over the noise;
-    without it the whole clip counts as silence if quiet (loudest frames under
+    without it the whole utterance counts as silence if quiet (loudest frames under
     ABSOLUTE_SILENCE_DBFS), else as no silence (steady noise or speech with no pause).
 
     Pass the whole utterance so far (the noise estimate needs its pauses); it costs about

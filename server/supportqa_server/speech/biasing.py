@@ -151,11 +151,11 @@ class KnowledgeLM:
 class KnowledgeBias(LogitFilter):
     """A whisper LogitFilter fusing each row with its own knowledge-base model.
 
-    Rows are clips, or clips times beams in beam search (row r belongs to clip r // beams).
-    Only the text tokens are reweighted, and they keep the probability mass Whisper gave
-    them together: whether to stop (eot) or emit a special token stays Whisper's call. KB
-    texts are short single questions, so letting the model's end-of-text in cuts spoken
-    questions after their first sentence.
+    Rows are utterances, or utterances times beams in beam search (row r belongs to utterance r //
+    beams). Only the text tokens are reweighted, and they keep the probability mass Whisper gave
+    them together: whether to stop (eot) or emit a special token stays Whisper's call. KB texts are
+    short single questions, so letting the model's end-of-text in cuts spoken questions after their
+    first sentence.
 
     Exact fusion, computed on the KB's own tokens only: adding ``weight * log floor`` to
     every text token changes nothing once the text mass is restored, so only the tokens

@@ -1,0 +1,161 @@
+"""What answering derives from each knowledge base's entries (its entry head, its speech
+language model, its threshold), in one object per knowledge base, rebuilt when the store's
+revision of that knowledge base moves. head.py holds the classifier itself."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+from supportqa_server.answering.head import EntryHead, HeadTrainer, word_rows
+from supportqa_server.errors import SupportQAError
+
+log = logging.getLogger(__name__)
+
+# An ingest is many Upsert calls: the entry head trains once writes pause this long (s)
+# rather than after each one.
+HEAD_SETTLE_S = 1.0
+LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most this often (s)
+
+
+@dataclass
+class KnowledgeBaseState:
+    """One knowledge base's derived models, each tagged with the store revision it was made
+    from: a model behind the store is stale and is rebuilt."""
+
+    name: str
+    head: EntryHead | None = None  # may be behind the entries; head.revision says
+    head_task: asyncio.Task | None = None  # the training under way
+    head_off_at: int | None = None  # a revision at which no head can be trained
+    speech_lm: object = None  # KnowledgeLM
+    speech_lm_revision: int = -1
+    speech_lm_built: float = float("-inf")  # time.monotonic() s
+
+
+class KnowledgeBases:
+    """The one owner of every knowledge base's KnowledgeBaseState.
+
+    Args:
+        settings: threshold_for, head_max_rows, head_words, head_c.
+        head_on: Whether any ranking uses an entry head (a weight above 0).
+        model_exec: The model thread (all torch work runs there).
+        store_exec: Threads for reading the rows.
+    """
+
+    def __init__(self, settings, *, head_on: bool, model_exec, store_exec) -> None:
+        self.settings = settings
+        self.head_on = head_on
+        self.store = None  # KnowledgeStore, once open
+        self.speech = None  # SpeechRecognizer, when voice is on
+        self._model_exec, self._store_exec = model_exec, store_exec
+        self._states: dict[str, KnowledgeBaseState] = {}
+
+    def state(self, kb: str) -> KnowledgeBaseState:
+        if kb not in self._states:
+            self._states[kb] = KnowledgeBaseState(kb)
+        return self._states[kb]
+
+    def threshold(self, kb: str) -> float:
+        """The score below which the knowledge base's best match is no answer."""
+        return self.settings.threshold_for(kb)
+
+    def head(self, kb: str) -> EntryHead | None:
+        """The knowledge base's entry head when it was trained on the current entries; else
+        None, and a training is started (a stale head would favour the entries it knew)."""
+        if not self.head_on or self.store is None or not self.store.has(kb):
+            return None
+        revision = self.store.revision(kb)
+        st = self.state(kb)
+        if st.head is not None and st.head.revision == revision:
+            return st.head
+        if st.head_off_at != revision and (st.head_task is None or st.head_task.done()):
+            st.head_task = asyncio.get_running_loop().create_task(self._train(st))
+        return None
+
+    def head_state(self, kb: str) -> str:
+        """"ready" (trained on the current entries), "training" or "off"."""
+        if self.head(kb) is not None:
+            return "ready"
+        off = not self.head_on or (
+            self.store is not None and self.state(kb).head_off_at == self.store.revision(kb)
+        )
+        return "off" if off else "training"
+
+    def speech_lm(self, kb: str):
+        """The knowledge base's language model for Whisper's decoding, None when off.
+
+        Runs on the model thread only. Built on a KB's first voice question (~1 s per 10k
+        texts) and rebuilt after writes, at most once per LM_REBUILD_S: a model a few writes
+        behind still knows the domain's words.
+        """
+        speech, store = self.speech, self.store
+        if speech is None or store is None or speech.lm_weight <= 0 or not store.has(kb):
+            return None
+        st = self.state(kb)
+        now = time.monotonic()
+        if st.speech_lm is not None and (
+            st.speech_lm_revision == store.revision(kb) or now - st.speech_lm_built < LM_REBUILD_S
+        ):
+            return st.speech_lm
+        t0 = time.perf_counter()
+        revision, texts = store.texts(kb)
+        st.speech_lm = speech.knowledge_lm(texts)
+        st.speech_lm_revision, st.speech_lm_built = revision, now
+        log.info("speech language model for %r: %d texts in %.2f s", kb, st.speech_lm.n_texts,
+                 time.perf_counter() - t0)
+        return st.speech_lm
+
+    def cancel(self) -> None:
+        for st in self._states.values():
+            if st.head_task is not None:
+                st.head_task.cancel()
+
+    async def _train(self, st: KnowledgeBaseState) -> None:
+        """Trains the head until one matches the knowledge base's revision. Each step of the
+        fit is its own task on the model thread, so questions keep being embedded."""
+        assert self.store is not None
+        store, s, loop, kb = self.store, self.settings, asyncio.get_running_loop(), st.name
+        while True:
+            revision = store.revision(kb)
+            if st.head is not None and st.head.revision == revision:
+                return
+            await asyncio.sleep(HEAD_SETTLE_S)
+            if store.revision(kb) != revision:
+                continue  # still being written
+            t0 = time.perf_counter()
+            trainer = None
+            try:
+                got = await loop.run_in_executor(
+                    self._store_exec, store.text_vectors, kb, s.head_max_rows
+                )
+                if got is None or len(set(got[1])) < 2:
+                    log.info("entry head for %r: off (%s)", kb, "fewer than 2 entries" if got
+                             else f"more than SUPPORTQA_HEAD_MAX_ROWS={s.head_max_rows} rows")
+                else:
+                    words = await loop.run_in_executor(
+                        self._store_exec, word_rows, got[3], len(set(got[1]))
+                    ) if s.head_words else None
+                    # The head's tensors are made on the model thread, as all torch work is: a
+                    # parallel torch op on another thread starts a second OpenMP team, and with
+                    # more OpenMP threads than cores libgomp stops spinning between regions, so
+                    # every encode after ran ~2x slower (one sentence: 8 -> 15 ms).
+                    trainer = await loop.run_in_executor(self._model_exec, functools.partial(
+                        HeadTrainer, got[2], got[1], c=s.head_c, revision=got[0], words=words))
+                    while not await loop.run_in_executor(self._model_exec, trainer.step):
+                        pass
+            except SupportQAError as e:  # e.g. written with another model: its message says
+                log.warning("entry head for %r: off (%s)", kb, e)
+                trainer = None
+            except Exception:  # noqa: BLE001 - answers go on without a head; the log says why
+                log.exception("entry head for %r: training failed", kb)
+                trainer = None
+            if trainer is None:
+                st.head_off_at = revision
+                return
+            st.head = trainer.head()
+            log.info("entry head for %r: %d rows, %d entries, %d iterations in %.1f s", kb,
+                     len(got[1]), len(trainer.entry_ids), trainer.iterations,
+                     time.perf_counter() - t0)

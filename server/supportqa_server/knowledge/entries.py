@@ -1,0 +1,144 @@
+"""An entry as the server keeps it, its limits, and the keys under which callers' values reach
+Milvus (never as expression text)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+MAX_TEXT_BYTES = 8192  # VARCHAR capacity of one searchable text, in bytes
+MAX_DOC_BYTES = 65535  # VARCHAR capacity of one entry's JSON
+MAX_ID_BYTES = 256  # of an entry id, UTF-8 (stored in the entry's JSON; Milvus sees its key)
+MAX_LOCALE_BYTES = 32
+MAX_TAGS_BYTES = 2048  # an entry's tags together, as "|a|b|" in UTF-8
+MAX_TAGS = 100  # tags per entry: their keys, 17 bytes each, fill the tags field
+# Tags one question may filter on. Each is one `like` in the filter, and Milvus Lite 2.5 fails
+# a search whose filter ORs more than 50 of them ("unsupported expr proto node").
+MAX_FILTER_TAGS = 32
+KEY_HEX = 32  # hex digits of an entry key: 128 bits of SHA-256
+TAG_KEY_HEX = 16  # of a tag or locale key; a filter's hits are checked against the entry too
+_KEY_RE = re.compile(r"[0-9a-f]*")
+
+
+def key_of(value: str, digits: int = KEY_HEX) -> str:
+    """The store's key for a caller's value (an entry id, a tag, a locale): hex digits of its
+    SHA-256, the only form in which the value reaches Milvus expressions and primary keys."""
+    return hashlib.sha256(value.encode()).hexdigest()[:digits]
+
+
+def literal(key: str, template: str = "{}") -> str:
+    """A key as a Milvus expression string (``template`` around it, e.g. a like pattern).
+    Every value an expression compares goes through here, and only keys (hex digits) pass,
+    so no caller's text is ever parsed by Milvus."""
+    if not _KEY_RE.fullmatch(key):
+        raise ValueError(f"not a store key: {key[:40]!r}")
+    return '"' + template.format(key) + '"'
+
+
+def row_pk(key: str, version: int, index: int) -> str:
+    return f"{key}.{version}.{index}"
+
+
+@dataclass(frozen=True)
+class EntryData:
+    """One knowledge-base entry as the server keeps it."""
+
+    id: str
+    answer: str
+    title: str = ""
+    questions: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    locale: str = ""
+    url: str = ""
+    updated_at: float = 0.0  # seconds since the epoch; 0 when the caller gave none
+    image_count: int = 0
+    see_rows: int = 0  # rows in the CLIP space: its images, then its texts (0 when CLIP is off)
+
+    def texts(self) -> list[tuple[str, str]]:
+        """(kind, text) of every searchable text, duplicates removed, in a stable order."""
+        return self._texts
+
+    @functools.cached_property
+    def _texts(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for kind, text in [("title", self.title)] + [("question", q) for q in self.questions] + [
+            ("answer", self.answer)
+        ]:
+            t = text.strip()
+            if t and t.casefold() not in seen:
+                seen.add(t.casefold())
+                out.append((kind, t))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, doc: str) -> EntryData:
+        d = json.loads(doc)
+        for k in ("questions", "tags"):
+            d[k] = tuple(d.get(k, ()))
+        return cls(**d)
+
+
+@dataclass(slots=True)  # built per search hit (~250 a question): slots init ~5x a frozen one's
+class RowHit:
+    """One matching text of an entry."""
+
+    entry_id: str
+    kind: str  # title | question | answer
+    text: str
+    score: float  # cosine similarity for dense hits, BM25 score for lexical hits
+
+
+def tag_key(tag: str) -> str:
+    return key_of(tag, TAG_KEY_HEX)
+
+
+def tags_field(tags: Iterable[str]) -> str:
+    """An entry's tags as stored: "|k1|k2|", one key per tag, matched with `like`."""
+    return "|" + "|".join(map(tag_key, tags)) + "|" if tags else ""
+
+
+def locale_field(locale: str) -> str:
+    return tag_key(locale) if locale else ""
+
+
+def short_id(entry_id: str) -> str:
+    """An id as error messages quote it: at most 60 characters, so a message about a huge id
+    stays far below gRPC's 16 KiB metadata limit."""
+    return repr(entry_id if len(entry_id) <= 60 else entry_id[:60] + "...")
+
+
+def unfit(e: EntryData) -> str | None:
+    """Why the entry does not fit the collections' fields, or None. Milvus standalone rejects
+    an over-long VARCHAR at insert, while Milvus Lite stores it: checked here for both.
+    Lengths are UTF-8 bytes."""
+    try:
+        e.to_json().encode()
+    except UnicodeEncodeError:
+        return "it holds text that is not valid Unicode (a lone surrogate): send UTF-8"
+    if len(e.id.encode()) > MAX_ID_BYTES:
+        return (f"its id is {len(e.id.encode())} bytes; ids have at most {MAX_ID_BYTES} bytes "
+                "(UTF-8)")
+    if len(e.locale.encode()) > MAX_LOCALE_BYTES:
+        return (f"locale {e.locale[:40]!r} is {len(e.locale.encode())} bytes; the limit is "
+                f"{MAX_LOCALE_BYTES}: use a language tag such as en-GB")
+    if len(e.tags) > MAX_TAGS:
+        return f"it has {len(e.tags)} tags; the limit is {MAX_TAGS}"
+    if (n := len(("|" + "|".join(e.tags) + "|").encode())) > MAX_TAGS_BYTES:
+        return (f"its tags ({len(e.tags)}) take {n} bytes together; the limit is "
+                f"{MAX_TAGS_BYTES}: use fewer or shorter tags")
+    for _, t in e.texts():
+        if len(t.encode()) > MAX_TEXT_BYTES:
+            return (f"it has a text of {len(t.encode())} bytes; each title, paraphrase and "
+                    f"answer may have at most {MAX_TEXT_BYTES}")
+    if (n := len(e.to_json().encode())) > MAX_DOC_BYTES:
+        return (f"it is {n} bytes as stored; the limit is {MAX_DOC_BYTES}: shorten its "
+                "answer or paraphrases")
+    return None

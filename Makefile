@@ -3,7 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := espeak-ng fonts-dejavu-core
+# prometheus: a real one scrapes the server in tests/test_prometheus.py
+APT_PACKAGES := espeak-ng fonts-dejavu-core prometheus
 SAMPLE_KB := knowledge/sample.jsonl
 TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE := 1

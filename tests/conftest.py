@@ -13,6 +13,8 @@ SAMPLE_KB = ROOT / "knowledge" / "sample.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Servers in tests serve no metrics unless a test asks: many run at once on one machine.
+os.environ.setdefault("SUPPORTQA_METRICS_PORT", "0")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -53,3 +53,45 @@ def test_sigterm_during_start_up_stops_the_server(tmp_path):
     again, _ = start(data, log)
     again.send_signal(signal.SIGTERM)
     assert again.wait(timeout=60) == 0
+
+
+def test_sigterm_lets_calls_in_flight_finish_then_exits_0(tmp_path, monkeypatch):
+    """SIGTERM while an Upsert streams: it completes, acknowledged, within the grace period,
+    and the process exits 0 (what `docker stop` relies on). The grace period is long here so
+    that a slow machine does not cut the call short."""
+    import threading
+
+    from supportqa.client import SupportClient
+    from supportqa.v1 import supportqa_pb2 as pb
+
+    monkeypatch.setenv("SUPPORTQA_GRACE_SECONDS", "120")
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    proc, target = start(data, log)
+    entries = [pb.Entry(id=f"e{i}", answer=f"Answer {i}.",
+                        questions=[f"how do I do thing number {i}"]) for i in range(150)]
+    result: dict = {}
+    streaming = threading.Event()
+
+    def stream():
+        for i, e in enumerate(entries):
+            if i == 70:
+                streaming.set()  # gRPC is sending the stream: the call is in flight
+            yield e
+
+    def write() -> None:
+        with SupportClient(target, timeout=60, retries=0) as client:
+            result["summary"] = client.upsert(stream())
+
+    writer = threading.Thread(target=write)
+    try:
+        writer.start()
+        assert streaming.wait(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+        writer.join(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, log.read_text()[-2000:]
+    assert "shutting down: draining" in log.read_text()
+    assert result["summary"].written == 150, log.read_text()[-2000:]

@@ -118,7 +118,7 @@ async def test_retries_only_unavailable():
 
 
 def test_status_messages_are_capped_below_grpcs_metadata_limit():
-    from supportqa_server.api.servicers import MAX_DETAILS, status_of
+    from supportqa_server.api.status import MAX_DETAILS, status_of
     from supportqa_server.errors import InvalidInput
 
     code, msg = status_of(InvalidInput("x" * 20_000))

@@ -1,6 +1,7 @@
 """supportqa client library: ask questions and manage knowledge bases over gRPC."""
 
 from .client import (
+    TLS,
     AsyncSupportClient,
     SupportClient,
     SupportQAError,
@@ -11,6 +12,7 @@ from .knowledge_file import KnowledgeFileError, read_entries
 from .v1 import supportqa_pb2 as pb
 
 __all__ = [
+    "TLS",
     "AsyncSupportClient",
     "KnowledgeFileError",
     "SupportClient",

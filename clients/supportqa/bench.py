@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import grpc
 
-from supportqa.client import AUDIO_FORMATS, audio_format_of
+from supportqa.cli import add_tls_options, tls_of
+from supportqa.client import AUDIO_FORMATS, TLS, audio_format_of
 from supportqa.v1 import supportqa_pb2, supportqa_pb2_grpc
 
 Question = supportqa_pb2.Question
@@ -273,6 +274,7 @@ async def run_load(
     timeout: float = 30.0,
     warmup: int = 0,
     metadata: Sequence[tuple[str, str]] | None = None,
+    tls: TLS | None = None,
     channels: int = 1,
     backoff_s: float = 0.0,
 ) -> dict:
@@ -293,6 +295,7 @@ async def run_load(
         timeout: Deadline of each call in seconds.
         warmup: Calls made before measuring.
         metadata: gRPC metadata sent with every call, e.g. the API key.
+        tls: Connect with TLS (supportqa.client.TLS); None: plaintext.
         channels: Number of gRPC channels (TCP connections); caller i uses channel i mod K.
         backoff_s: After RESOURCE_EXHAUSTED or UNAVAILABLE a caller waits this long, doubled
             for each refusal in a row (at most 32x), with jitter; 0: it calls again at once.
@@ -319,7 +322,11 @@ async def run_load(
             "concurrency and channels must be at least 1, warmup at least 0 and timeout positive"
         )
     call = _ask_unary if mode == "unary" else _ask_stream
-    pool = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for _ in range(channels)]
+    pool = [
+        grpc.aio.secure_channel(target, tls.credentials(), options=_CHANNEL_OPTIONS + tls.options())
+        if tls else grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        for _ in range(channels)
+    ]
     try:
         try:
             await asyncio.wait_for(
@@ -454,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knowledge-base", default="default", help="knowledge base to ask")
     parser.add_argument("--top-k", type=int, default=5, help="answers per question")
     parser.add_argument("--api-key", help="sent as metadata 'authorization: Bearer KEY'")
+    add_tls_options(parser)
     parser.add_argument("--json-out", metavar="FILE", help="also write the report as JSON")
     return parser
 
@@ -496,9 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warmup=args.warmup,
                 metadata=metadata,
                 channels=args.channels,
+                tls=tls_of(args),
             )
         )
-    except (ConnectionError, ValueError) as e:
+    except (ConnectionError, ValueError, OSError) as e:
         print(f"supportqa-bench: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

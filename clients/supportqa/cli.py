@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from .client import AUDIO_FORMATS, DEFAULT_TARGET, SupportClient, SupportQAError, audio_format_of
+from .client import (
+    AUDIO_FORMATS,
+    DEFAULT_TARGET,
+    TLS,
+    SupportClient,
+    SupportQAError,
+    audio_format_of,
+)
 from .knowledge_file import KnowledgeFileError, read_numbered, repeated_ids
 from .v1 import supportqa_pb2 as pb
 
@@ -115,7 +122,8 @@ def _health(args: argparse.Namespace, client: SupportClient) -> int:
 
 # Options every command takes, before or after its name: `supportqa --target h:p ingest f` and
 # `supportqa ingest f --target h:p` are the same. Their defaults are applied once, after parsing.
-GLOBAL_DEFAULTS = {"target": DEFAULT_TARGET, "timeout": 60.0, "api_key": None}
+GLOBAL_DEFAULTS = {"target": DEFAULT_TARGET, "timeout": 60.0, "api_key": None, "tls": False,
+                   "ca": None, "cert": None, "key": None, "server_name": ""}
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -131,7 +139,28 @@ def _global_options() -> argparse.ArgumentParser:
                         help=f"deadline per call, seconds (default {GLOBAL_DEFAULTS['timeout']:g})")
     common.add_argument("--api-key", default=argparse.SUPPRESS,
                         help="API key, if the server requires one")
+    add_tls_options(common, default=argparse.SUPPRESS)
     return common
+
+
+def add_tls_options(parser: argparse.ArgumentParser, default=None) -> None:
+    """--tls, --ca, --cert, --key, --server-name: how to reach a TLS server."""
+    parser.add_argument("--tls", action="store_true", default=default or False,
+                        help="connect with TLS, trusting the system's CAs (or --ca)")
+    parser.add_argument("--ca", default=default, metavar="PEM",
+                        help="CA bundle that signed the server's certificate (implies --tls)")
+    parser.add_argument("--cert", default=default, metavar="PEM",
+                        help="client certificate, for servers that require one (mTLS)")
+    parser.add_argument("--key", default=default, metavar="PEM", help="key of --cert")
+    parser.add_argument("--server-name", default=default or "",
+                        help="name to check the server's certificate against")
+
+
+def tls_of(args: argparse.Namespace) -> TLS | None:
+    """The TLS settings the options ask for; None for plaintext."""
+    if not (args.tls or args.ca or args.cert):
+        return None
+    return TLS(args.ca, args.cert, args.key, args.server_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ask" and not (args.question or args.audio or args.image):
         parser.error("ask needs a question, --audio or --image")
     handlers = {"ask": _ask, "ingest": _ingest, "stats": _stats, "health": _health}
-    with SupportClient(args.target, timeout=args.timeout, api_key=args.api_key) as client:
+    try:
+        client = SupportClient(args.target, timeout=args.timeout, api_key=args.api_key,
+                               tls=tls_of(args))
+    except (OSError, ValueError) as e:
+        parser.error(f"TLS: {e}")
+    with client:
         try:
             return handlers[args.command](args, client)
         except SupportQAError as e:

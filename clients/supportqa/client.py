@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,46 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+@dataclass(frozen=True)
+class TLS:
+    """How a client reaches a TLS server.
+
+    Args:
+        ca_file: PEM CA bundle that signed the server's certificate; None: the system's roots.
+        cert_file: PEM client certificate, for servers that require one (mTLS).
+        key_file: PEM private key of cert_file.
+        server_name: The name to check the server's certificate against, when the target's
+            host is not in it (an IP address, a load balancer).
+    """
+
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both a client certificate and its key, or neither")
+
+        def read(path):
+            return Path(path).read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file), private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _open_channel(grpc_module, target: str, max_message_bytes: int, tls: TLS | None):
+    """An insecure channel, or a TLS one; grpc_module is grpc or grpc.aio."""
+    options = _channel_options(max_message_bytes)
+    if tls is None:
+        return grpc_module.insecure_channel(target, options=options)
+    return grpc_module.secure_channel(target, tls.credentials(), options=options + tls.options())
+
+
 class _Base:
     def __init__(self, target: str, timeout: float, api_key: str | None, retries: int,
                  backoff: float) -> None:
@@ -144,13 +185,15 @@ class SupportClient(_Base):
         api_key: Sent as "authorization: Bearer <key>" when the server requires one.
         retries: Extra attempts after UNAVAILABLE.
         max_message_bytes: Largest message sent or received (audio and images can be big).
+        tls: Connect with TLS (and a client certificate, for mTLS); None: plaintext.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0,
                  api_key: str | None = None, retries: int = 3, backoff: float = 0.2,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: TLS | None = None) -> None:
         super().__init__(target, timeout, api_key, retries, backoff)
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._channel = _open_channel(grpc, target, max_message_bytes, tls)
         self._answering = pb_grpc.AnsweringStub(self._channel)
         self._knowledge = pb_grpc.KnowledgeStub(self._channel)
 
@@ -266,11 +309,10 @@ class AsyncSupportClient(_Base):
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0,
                  api_key: str | None = None, retries: int = 3, backoff: float = 0.2,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: TLS | None = None) -> None:
         super().__init__(target, timeout, api_key, retries, backoff)
-        self._channel = grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes)
-        )
+        self._channel = _open_channel(grpc.aio, target, max_message_bytes, tls)
         self._answering = pb_grpc.AnsweringStub(self._channel)
         self._knowledge = pb_grpc.KnowledgeStub(self._channel)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
+
+from supportqa_server.runtime.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -21,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: bad settings: {e}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, settings.log_format)
     for p in args.ingest:
         if not Path(p).is_file():
             print(f"error: --ingest {p}: no such file", file=sys.stderr)
@@ -99,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", NUMPY_BLAS_THREADS)
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args)  # logging as its settings say
+    configure_logging(args.log_level)
     if args.command == "adapt":
         from supportqa_tools.adapt import adapt_main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class SupportQAError(Exception):
-    """Base of every error the server turns into a gRPC status (see servicers.STATUS_OF)."""
+    """Base of every error the server turns into a gRPC status (see api/status.py: STATUS_OF)."""
 
 
 class InvalidInput(SupportQAError):
@@ -13,6 +13,20 @@ class InvalidInput(SupportQAError):
 
 class NotFound(SupportQAError):
     """A knowledge base or entry that does not exist."""
+
+
+class UnknownKnowledgeBase(NotFound):
+    """A knowledge base that does not exist; the message lists those that do, filtered to
+    the ones the caller may see."""
+
+    def __init__(self, name: str, existing) -> None:
+        self.name, self.existing = name, sorted(existing)
+        super().__init__(self.message())
+
+    def message(self, visible=lambda name: True) -> str:
+        names = ", ".join(n for n in self.existing if visible(n)) or "none"
+        return (f"knowledge base {self.name!r} does not exist; existing: {names}. Ingest "
+                "entries into it first")
 
 
 class TooLarge(SupportQAError):
@@ -30,6 +44,10 @@ class NotAvailable(SupportQAError):
 
 class Unauthenticated(SupportQAError):
     """Missing or wrong API key."""
+
+
+class PermissionDenied(SupportQAError):
+    """A valid key used outside its role or its knowledge bases."""
 
 
 class Cancelled(SupportQAError):

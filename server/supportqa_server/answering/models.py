@@ -66,6 +66,7 @@ class Models:
         self.ocr_exec = ThreadPoolExecutor(1, thread_name_prefix="ocr")
         self.decode_exec = ThreadPoolExecutor(2, thread_name_prefix="decode")
         self.batchers: dict[str, MicroBatcher] = {}
+        self.on_batch: Callable[[str, int], None] | None = None  # (model, items) per batch
 
     def load(self) -> None:
         """Loads every configured model (blocking; call it on the model thread)."""
@@ -143,6 +144,7 @@ class Models:
             self.batchers[name] = MicroBatcher(
                 fn, executor=executor, max_batch=max_batch, max_wait_ms=max_wait_ms,
                 max_queue=s.max_queue, max_queue_ms=max_queue_ms, name=name,
+                on_batch=self.on_batch,
             )
 
         # A question's search runs in its encoder batch's job, on the model thread: on 2 cores

@@ -18,7 +18,10 @@ from supportqa.v1 import supportqa_pb2_grpc as pb_grpc
 
 from supportqa_server.answering.pipeline import Pipeline
 from supportqa_server.api import converters as conv
-from supportqa_server.api.servicers import AnsweringServicer, ApiKeyInterceptor, KnowledgeServicer
+from supportqa_server.api.auth import KeyRing
+from supportqa_server.api.metrics import Metrics
+from supportqa_server.api.observe import ObservingInterceptor
+from supportqa_server.api.servicers import AnsweringServicer, KnowledgeServicer
 from supportqa_server.errors import InvalidInput, SupportQAError
 from supportqa_server.knowledge.writer import FileEntry, WriteReport, write_file
 from supportqa_server.runtime.settings import Settings
@@ -41,11 +44,22 @@ class _Health(health.aio.HealthServicer):
 
 
 class App:
-    """A server, its pipeline and its health servicer."""
+    """A server, its pipeline, health servicer, metrics and keys."""
 
     def __init__(self, server: grpc.aio.Server, port: int, pipeline: Pipeline,
-                 health_servicer: health.aio.HealthServicer) -> None:
+                 health_servicer: health.aio.HealthServicer, *, settings: Settings,
+                 metrics: Metrics, keys: KeyRing) -> None:
         self.server, self.port, self.pipeline, self.health = server, port, pipeline, health_servicer
+        self.settings, self.metrics, self.keys = settings, metrics, keys
+        self.metrics_port = 0  # bound by start()
+
+    async def start(self) -> None:
+        """Starts serving gRPC (NOT_SERVING until `load`) and the metrics endpoint."""
+        await self.server.start()
+        s = self.settings
+        if s.metrics_port:
+            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -64,13 +78,30 @@ class App:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.pipeline.close()
+        self.metrics.close()
+
+
+def _credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files; None for plaintext."""
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    try:
+        chain, key = s.tls_cert.read_bytes(), s.tls_key.read_bytes()
+        ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+    except OSError as e:
+        raise InvalidInput(f"cannot read a TLS file: {e}") from e
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
 
 
 def create_server(settings: Settings, pipeline: Pipeline | None = None) -> tuple[App, int]:
     """Builds a grpc.aio server bound to settings.host:settings.port (0 = free port).
 
-    The server is not started and the pipeline not loaded: `await app.server.start()`, then
+    The server is not started and the pipeline not loaded: `await app.start()`, then
     `await app.load()`. Health reports NOT_SERVING until `load` finishes.
+
+    Raises:
+        InvalidInput: a keys file or TLS file that cannot be read.
     """
     pipeline = pipeline or Pipeline(settings)
     options = [
@@ -78,8 +109,29 @@ def create_server(settings: Settings, pipeline: Pipeline | None = None) -> tuple
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    try:
+        keys = KeyRing(settings.api_keys, settings.api_keys_file)
+    except ValueError as e:
+        raise InvalidInput(f"SUPPORTQA_API_KEYS_FILE: {e}") from e
+    metrics = Metrics()
+    if hasattr(pipeline, "models"):  # a real pipeline (tests may pass a fake one)
+        metrics.watch(pipeline)
+
+    def known_kb(kb: str) -> bool:
+        store = getattr(pipeline, "store", None)
+        return store is not None and store.has(kb)
+
+    if settings.tracing:
+        from supportqa_server.api.tracing import instrument
+
+        try:
+            instrument()
+        except ImportError as e:
+            raise InvalidInput(f"SUPPORTQA_TRACING needs the tracing extra ({e}): pip install "
+                               "'supportqa[tracing]'") from e
+    interceptor = ObservingInterceptor(metrics, keys, known_kb, settings.log_questions,
+                                       settings.tracing)
+    server = grpc.aio.server(options=options, interceptors=[interceptor])
     pb_grpc.add_AnsweringServicer_to_server(AnsweringServicer(pipeline), server)
     pb_grpc.add_KnowledgeServicer_to_server(KnowledgeServicer(pipeline), server)
     health_servicer = _Health()
@@ -87,10 +139,14 @@ def create_server(settings: Settings, pipeline: Pipeline | None = None) -> tuple
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = _credentials(settings)
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
     if port == 0:
-        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}: is it in use?")
-    app = App(server, port, pipeline, health_servicer)
+        raise RuntimeError(f"cannot bind {address}: is it in use?")
+    app = App(server, port, pipeline, health_servicer, settings=settings, metrics=metrics,
+              keys=keys)
     return app, port
 
 
@@ -117,7 +173,7 @@ async def running_server(
 ) -> AsyncIterator[str]:
     """Starts a server with loaded models for the block; yields its "host:port"."""
     app, port = create_server(settings, pipeline)
-    await app.server.start()
+    await app.start()
     try:
         await app.load()
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -133,13 +189,19 @@ async def serve(settings: Settings, ingest: Iterable[Path] = ()) -> None:
     at once: that work runs on threads that cannot be interrupted, and nothing it does is
     acknowledged to anyone yet (a write is only acknowledged once committed).
     """
-    app, port = create_server(settings)
-    await app.server.start()
-    log.info("listening on %s:%d (NOT_SERVING until models are loaded)", settings.host, port)
+    try:
+        app, port = create_server(settings)
+    except SupportQAError as e:
+        log.error("cannot start: %s", e)
+        raise SystemExit(2) from None
+    await app.start()
+    log.info("listening on %s:%d%s (NOT_SERVING until models are loaded)", settings.host, port,
+             " with TLS" if settings.tls_cert else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.keys.reload)
     starting = asyncio.create_task(_start(app, ingest))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

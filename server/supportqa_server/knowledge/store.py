@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from supportqa_server.errors import InvalidInput, NotFound, WrongModel
+from supportqa_server.errors import InvalidInput, NotFound, UnknownKnowledgeBase, WrongModel
 from supportqa_server.knowledge.entries import (  # noqa: F401 - the store's API, re-exported
     MAX_FILTER_TAGS,
     MAX_ID_BYTES,
@@ -273,10 +273,7 @@ class KnowledgeStore:
                 self._check_width(state, vectors)
             return state
         if not create:
-            raise NotFound(
-                f"knowledge base {kb!r} does not exist; existing: "
-                f"{', '.join(sorted(self._kbs)) or 'none'}. Ingest entries into it first"
-            )
+            raise UnknownKnowledgeBase(kb, self._kbs)
         with self._create_lock:
             if kb not in self._kbs:
                 create_collections(self.client, kb, self.dim, self.image_dim,

@@ -68,6 +68,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue: int = 512,
         max_queue_ms: float = 0.0,
         name: str = "model",
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
@@ -78,6 +79,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue = max_queue
         self.max_queue_s = max_queue_ms / 1000.0  # 0: no limit but the caller's deadline
         self.name = name
+        self.on_batch = on_batch  # (name, items) of every batch run, for metrics
         # Seconds of model time per item: the median over the last BATCH_TIMES batches but
         # the first (it warms the model up: lazy initialisation, a speech language model
         # built), so one slow batch (a language-model rebuild, a GC pause) does not turn
@@ -215,6 +217,8 @@ class MicroBatcher(Generic[T, R]):
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.sizes[len(batch)] += 1
+            if self.on_batch is not None:
+                self.on_batch(self.name, len(batch))
             self._running_n = len(batch)
             started = self._running_since = time.monotonic()
             self.stats.waited_s += sum(started - p.queued for p in batch)

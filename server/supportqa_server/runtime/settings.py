@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KB_NAME_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
@@ -33,9 +34,31 @@ class Settings(BaseSettings):
     max_message_bytes: int = 32 * 1024 * 1024
     """Largest gRPC message, both ways (gRPC's own default is 4 MiB)."""
     api_keys: list[str] = Field(default_factory=list)
-    """Keys callers send as `authorization: Bearer KEY` (JSON list); empty: no authentication."""
+    """Keys callers send as `authorization: Bearer KEY` (JSON list), each an admin key; with
+    neither this nor api_keys_file set, no authentication."""
+    api_keys_file: Path | None = None
+    """JSON list of scoped keys: `{"name", "key_sha256", "role": "reader"|"writer"|"admin",
+    "knowledge_bases": [names or "*"]}`; re-read on SIGHUP."""
+    tls_cert: Path | None = None
+    """PEM certificate chain the server presents; with tls_key, the port serves TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, callers must present a client certificate it signed (mTLS)."""
     grace_seconds: float = 5.0
     """Seconds in-flight calls get to finish after SIGTERM."""
+
+    # Operations
+    metrics_port: int = 9464
+    """Port of the Prometheus endpoint `http://HOST:PORT/metrics` (on `host`); 0: off."""
+    log_format: Literal["text", "json"] = "text"
+    """`text` or `json` (one JSON object per line on stderr, one per request)."""
+    tracing: bool = False
+    """OpenTelemetry spans: one per RPC and one per stage of a question (the `tracing` extra;
+    exported over OTLP as the standard `OTEL_*` variables say)."""
+    log_questions: Literal["masked", "raw", "off"] = "masked"
+    """Question texts and transcripts in request logs: `masked` (card numbers, e-mail
+    addresses and phone numbers replaced), `raw`, or `off`."""
 
     # Store
     data_dir: Path = Path("data")
@@ -149,6 +172,14 @@ class Settings(BaseSettings):
     """torch intra-op threads; 0: all cores."""
     store_threads: int = 4
     """Threads for Milvus writes, image searches and the entry head's reads."""
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both SUPPORTQA_TLS_CERT and SUPPORTQA_TLS_KEY, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("SUPPORTQA_TLS_CLIENT_CA (mTLS) needs SUPPORTQA_TLS_CERT and _KEY")
+        return self
 
     @field_validator("device")
     @classmethod

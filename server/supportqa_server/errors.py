@@ -63,5 +63,9 @@ class NotReady(SupportQAError):
     """The server is still loading models or opening the store."""
 
 
+class StoreUnavailable(NotReady):
+    """Milvus cannot be reached (or has just come back and is loading); retry shortly."""
+
+
 class DataDirInUse(SupportQAError):
     """Another process holds the data folder's lock."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -50,6 +51,8 @@ from supportqa_server.knowledge.writer import check_kb_name
 from supportqa_server.runtime.datadir import lock_data_dir
 from supportqa_server.runtime.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class _Query:
@@ -87,6 +90,10 @@ class Pipeline:
         )
         self.buffered_audio = 0  # bytes all open Converse streams hold, against a budget
         self._lock = None  # the open lock file of the data folder (Milvus Lite)
+        self.store_ok = True  # Milvus answers (a server's outage turns it False)
+        # Awaited with store_ok whenever it changes (the app turns health to match).
+        self.on_store_health: Callable[[bool], Awaitable[None]] | None = None
+        self._watcher: asyncio.Task | None = None
 
     @property
     def components(self) -> list[Component]:
@@ -110,7 +117,9 @@ class Pipeline:
         )
         self.store.open()
         self.kbs.store, self.kbs.speech = self.store, models.speech
-        models.components.append(Component("store", uri, "", detail="milvus"))
+        models.components.append(Component(
+            "store", uri, "", detail=f"milvus {self.store.server_version}; routes: "
+            + ", ".join(self.store.routes)))
 
     async def start(self) -> None:
         """Loads everything off the event loop, then starts the batchers."""
@@ -122,9 +131,41 @@ class Pipeline:
         self.ready = True
         for kb in self.store.knowledge_bases():
             self.kbs.head(kb)
+        if self.store.shared:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_store())
+
+    async def _watch_store(self) -> None:
+        """On a Milvus server, every SUPPORTQA_STORE_POLL_SECONDS: catch up with the other
+        replicas' writes (their knowledge bases' heads and speech models follow the
+        revision), and notice Milvus going away and coming back (collections re-loaded)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.store_poll_seconds)
+            try:
+                if not self.store_ok:
+                    await loop.run_in_executor(self.store_exec, self.store.reconnect)
+                changed = await loop.run_in_executor(self.store_exec, self.store.refresh)
+            except Exception as e:  # noqa: BLE001 - an outage; the next turn tries again
+                if self.store_ok:
+                    log.warning("knowledge store unreachable, NOT_SERVING until it is back: %s",
+                                str(e).splitlines()[0][:300])
+                    await self._store_health(False)
+                continue
+            if not self.store_ok:
+                log.info("knowledge store back: SERVING")
+                await self._store_health(True)
+            for kb in changed:
+                self.kbs.head(kb)  # retrain on the other replica's entries
+
+    async def _store_health(self, ok: bool) -> None:
+        self.store_ok = ok
+        if self.on_store_health is not None:
+            await self.on_store_health(ok)
 
     async def close(self) -> None:
         self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
         self.kbs.cancel()
         await self.models.close()
         # Store-thread jobs still running (a write, a head's read of the rows) end before the
@@ -281,7 +322,8 @@ class Pipeline:
         opts = self.heard_rank_options if q.heard else self.rank_options
         head = self.kbs.head(req.knowledge_base) if opts.head_weight > 0 else None
         limit, lexical_limit = row_limits(
-            req.top_k, head is not None, self.rank_options.lexical_weight > 0)
+            req.top_k, head is not None,
+            self.rank_options.lexical_weight > 0 and self.store is not None and self.store.lexical)
         t0 = time.perf_counter()
         found = await self.models.submit(TEXT, SearchItem(
             req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags, head

@@ -52,6 +52,8 @@ class App:
         self.server, self.port, self.pipeline, self.health = server, port, pipeline, health_servicer
         self.settings, self.metrics, self.keys = settings, metrics, keys
         self.metrics_port = 0  # bound by start()
+        if hasattr(pipeline, "on_store_health"):  # health follows Milvus's outages
+            pipeline.on_store_health = self.set_serving
 
     async def start(self) -> None:
         """Starts serving gRPC (NOT_SERVING until `load`) and the metrics endpoint."""

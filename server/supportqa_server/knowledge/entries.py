@@ -100,9 +100,13 @@ def tag_key(tag: str) -> str:
     return key_of(tag, TAG_KEY_HEX)
 
 
-def tags_field(tags: Iterable[str]) -> str:
-    """An entry's tags as stored: "|k1|k2|", one key per tag, matched with `like`."""
-    return "|" + "|".join(map(tag_key, tags)) + "|" if tags else ""
+def tags_field(tags: Iterable[str], array: bool) -> list[str] | str:
+    """An entry's tags as stored: their keys as an ARRAY, or, in knowledge bases made before
+    ARRAY tags, as "|k1|k2|" text matched with `like`."""
+    keys = [tag_key(t) for t in tags]
+    if array:
+        return keys
+    return "|" + "|".join(keys) + "|" if keys else ""
 
 
 def locale_field(locale: str) -> str:

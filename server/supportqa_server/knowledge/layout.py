@@ -4,7 +4,8 @@ and moving the layout before keys over. Functions of a pymilvus MilvusClient."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 from supportqa_server.knowledge.entries import (
     KEY_HEX,
@@ -14,6 +15,7 @@ from supportqa_server.knowledge.entries import (
     TAG_KEY_HEX,
     EntryData,
     key_of,
+    literal,
     locale_field,
     row_pk,
     tags_field,
@@ -21,6 +23,7 @@ from supportqa_server.knowledge.entries import (
 
 log = logging.getLogger(__name__)
 
+_PK_RE = re.compile(r"[0-9a-f.]+")
 INSERT_BATCH = 1000  # rows per insert: Milvus Lite 2.5 slows sharply on larger batches
 PREFIX = "supportqa_"  # collections of this layout
 LEGACY_PREFIX = "sqa_"  # collections of the layout before keys, moved over on open
@@ -34,15 +37,53 @@ def entries_name(kb: str, prefix: str = PREFIX) -> str:
     return f"{prefix}{kb}_entries"
 
 
+META = "supportqa_meta"  # revisions of every knowledge base, shared by replicas
+
+
 def images_name(kb: str, prefix: str = PREFIX) -> str:
     return f"{prefix}{kb}_images"
 
 
 
-def scan(client, collection: str, fields: list[str], batch_size: int = 1000
-          ) -> Iterator[list[dict]]:
-    """Every row of a collection, ``fields`` only, in batches (a Milvus query returns at
-    most 16,384 rows, so larger reads go through its iterator)."""
+def scan(client, collection: str, fields: list[str], batch_size: int = 1000, *, pk: str = "pk"
+         ) -> Iterator[list[dict]]:
+    """Every row of a collection, ``fields`` (which hold its primary key ``pk``) only, in
+    batches of primary keys in order. (pymilvus's query_iterator fails on Milvus Lite 2.5
+    collections with an ARRAY field; its paging by primary key is done here.)"""
+    last = None
+    while True:
+        expr = "version >= 0" if last is None else f'version >= 0 and {pk} > "{last}"'
+        batch = sorted(query(client, collection, filter=expr, output_fields=fields,
+                             limit=batch_size, consistency_level="Strong"),
+                       key=lambda r: r[pk])
+        if not batch:
+            return
+        yield batch
+        last = batch[-1][pk]
+        if not _PK_RE.fullmatch(last):  # our keys only: hex digits, dots and digits
+            raise ValueError(f"{collection}: unexpected primary key {last[:40]!r}")
+        if len(batch) < batch_size:
+            return
+
+
+def query(client, collection: str, **kwargs) -> list[dict]:
+    """client.query, where an empty result is [] (Milvus Lite 2.5.1 answers a query that
+    matches nothing in a collection with an ARRAY field with an ARRAY of no element type,
+    which pymilvus 2.5 cannot read)."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        return list(client.query(collection, **kwargs))
+    except MilvusException as e:
+        if "Unsupported data type: 0" in str(e):
+            return []
+        raise
+
+
+def scan_legacy(client, collection: str, fields: list[str], batch_size: int = 1000
+                ) -> Iterator[list[dict]]:
+    """scan for the layout before keys, whose primary keys hold callers' ids (no ARRAY
+    fields there, so pymilvus's iterator works)."""
     it = client.query_iterator(
         collection, batch_size=batch_size, filter="version >= 0", output_fields=fields
     )
@@ -53,7 +94,21 @@ def scan(client, collection: str, fields: list[str], batch_size: int = 1000
         it.close()
 
 
-def move_legacy(client, kb: str, names: set[str], *, dim: int, lexical: bool) -> None:
+def is_server(uri: str) -> bool:
+    """Whether a store URI names a Milvus server (else a Milvus Lite file)."""
+    return uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+def tags_as_array(uri: str) -> bool:
+    """How a store keeps tag keys. On a Milvus server as an ARRAY, filtered with
+    `array_contains_any`: Milvus 2.3 takes only prefix patterns in `like`. In a Milvus Lite
+    2.5.1 file as "|k1|k2|" text, filtered with `like`: there `array_contains_any` fails on
+    a collection read back from disk ("index out of range")."""
+    return is_server(uri)
+
+
+def move_legacy(client, kb: str, names: set[str], *, dim: int, lexical: bool,
+                tag_array: bool) -> None:
     """Moves a knowledge base of the layout before keys (raw ids in primary keys and
     expressions) into this one: committed entries and their rows, vectors kept, then drops
     the old collections. Until they are dropped the move is redone from the start, so a
@@ -67,13 +122,14 @@ def move_legacy(client, kb: str, names: set[str], *, dim: int, lexical: bool) ->
     for name in (old_rows, old_entries) + ((old_images,) if old_images in names else ()):
         c.load_collection(name)
     committed: dict[str, tuple[int, str, EntryData]] = {}  # id -> (version, doc, entry)
-    for batch in scan(c, old_entries, ["version", "doc"]):
+    for batch in scan_legacy(c, old_entries, ["version", "doc"]):
         for r in batch:
             e = EntryData.from_json(r["doc"])
             committed[e.id] = (int(r["version"]), r["doc"], e)
     # The new collections keep the old vectors' widths, whatever this server's models.
     image_dim = vector_width(c, old_images) if old_images in names else 0
-    create_collections(c, kb, vector_width(c, old_rows) or dim, image_dim, lexical=lexical)
+    create_collections(c, kb, vector_width(c, old_rows) or dim, image_dim, lexical=lexical,
+                       tag_array=tag_array)
     moved = 0
     for old, new, fields in (
         (old_rows, rows_name(kb), ["pk", "kind", "text", "vector"]),
@@ -81,7 +137,7 @@ def move_legacy(client, kb: str, names: set[str], *, dim: int, lexical: bool) ->
     ):
         if old not in names:
             continue
-        for batch in scan(c, old, fields, INSERT_BATCH):
+        for batch in scan_legacy(c, old, fields, INSERT_BATCH):
             rows = []
             for r in batch:
                 entry_id, version, index = r.pop("pk").split("\x1f")
@@ -91,7 +147,7 @@ def move_legacy(client, kb: str, names: set[str], *, dim: int, lexical: bool) ->
                 r.update(pk=row_pk(key_of(entry_id), int(version), int(index)),
                          entry_key=key_of(entry_id), version=int(version))
                 if "text" in r:
-                    r.update(tags=tags_field(e.tags), locale=locale_field(e.locale))
+                    r.update(tags=tags_field(e.tags, tag_array), locale=locale_field(e.locale))
                 rows.append(r)
             if rows:
                 c.insert(new, rows)
@@ -117,6 +173,7 @@ def row_schema():
     schema.add_field("version", DataType.INT64)
     return schema
 
+
 def create_images(client, kb: str, image_dim: int) -> None:
     from pymilvus import DataType
 
@@ -130,19 +187,44 @@ def create_images(client, kb: str, image_dim: int) -> None:
     )
 
 
-def create_collections(client, kb: str, dim: int, image_dim: int, *, lexical: bool) -> None:
-    """A knowledge base's collections, for text vectors of ``dim`` and, when
-    ``image_dim``, CLIP vectors of that width."""
-    from pymilvus import DataType, Function, FunctionType, MilvusClient
+def create_collections(client, kb: str, dim: int, image_dim: int, *, lexical: bool,
+                       tag_array: bool) -> None:
+    """A knowledge base's collections, for text vectors of ``dim`` and, when ``image_dim``,
+    CLIP vectors of that width; tag keys as an ARRAY when ``tag_array``, else as "|k1|k2|"
+    text. All or none: a failure drops what it made, so a later try starts clean (a
+    half-made pair would refuse every later create)."""
+    made: list[str] = []
+    try:
+        _create_rows(client, kb, dim, lexical, tag_array, made)
+        _create_entries(client, kb, made)
+        if image_dim:
+            create_images(client, kb, image_dim)
+            made.append(images_name(kb))
+    except Exception:
+        for name in made + [rows_name(kb)]:
+            try:
+                client.drop_collection(name)
+            except Exception:  # noqa: BLE001 - the original failure is the one to report
+                log.warning("could not drop %s after a failed create", name)
+        raise
 
-    c = client
+
+def _create_rows(client, kb: str, dim: int, lexical: bool, tag_array: bool,
+                 made: list[str]) -> None:
+    from pymilvus import DataType, Function, FunctionType
+
     rows = row_schema()
     rows.add_field("kind", DataType.VARCHAR, max_length=16)
-    rows.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True)
-    rows.add_field("tags", DataType.VARCHAR, max_length=MAX_TAGS * (TAG_KEY_HEX + 1) + 1)
+    rows.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES,
+                   **({"enable_analyzer": True} if lexical else {}))
+    if tag_array:
+        rows.add_field("tags", DataType.ARRAY, element_type=DataType.VARCHAR,
+                       max_capacity=MAX_TAGS, max_length=TAG_KEY_HEX)
+    else:
+        rows.add_field("tags", DataType.VARCHAR, max_length=MAX_TAGS * (TAG_KEY_HEX + 1) + 1)
     rows.add_field("locale", DataType.VARCHAR, max_length=TAG_KEY_HEX)
     rows.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    index = c.prepare_index_params()
+    index = client.prepare_index_params()
     index.add_index("vector", index_type="FLAT", metric_type="IP")  # unit vectors: cosine
     if lexical:
         rows.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
@@ -153,21 +235,89 @@ def create_collections(client, kb: str, dim: int, image_dim: int, *, lexical: bo
             )
         )
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    c.create_collection(
+    client.create_collection(
         rows_name(kb), schema=rows, index_params=index, consistency_level="Strong"
     )
+    made.append(rows_name(kb))
+
+
+def _create_entries(client, kb: str, made: list[str]) -> None:
+    from pymilvus import DataType, MilvusClient
+
     entries = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     entries.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_HEX)
     entries.add_field("version", DataType.INT64)
     entries.add_field("doc", DataType.VARCHAR, max_length=MAX_DOC_BYTES)
     entries.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector
-    eindex = c.prepare_index_params()
+    eindex = client.prepare_index_params()
     eindex.add_index("unused", index_type="FLAT", metric_type="L2")
-    c.create_collection(
+    client.create_collection(
         entries_name(kb), schema=entries, index_params=eindex, consistency_level="Strong"
     )
-    if image_dim:
-        create_images(c, kb, image_dim)
+    made.append(entries_name(kb))
+
+
+def create_meta(client) -> None:
+    """`supportqa_meta`: per knowledge base, the version of its last committed change. Every
+    replica on one Milvus polls it to learn of the others' writes."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("kb", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("revision", DataType.INT64)
+    schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector
+    index = client.prepare_index_params()
+    index.add_index("unused", index_type="FLAT", metric_type="L2")
+    client.create_collection(META, schema=schema, index_params=index, consistency_level="Strong")
+
+
+def stored_versions(client, kb: str, keys: Sequence[str]) -> dict[str, int]:
+    """entry key -> committed version in Milvus (read at Strong consistency)."""
+    out: dict[str, int] = {}
+    for i in range(0, len(keys), INSERT_BATCH):
+        chunk = ", ".join(map(literal, keys[i : i + INSERT_BATCH]))
+        for r in client.query(entries_name(kb), filter=f"key in [{chunk}]",
+                                   output_fields=["key", "version"],
+                                   consistency_level="Strong"):
+            out[r["key"]] = int(r["version"])
+    return out
+
+
+def delete_rows(client, kb: str, versions: dict[str, int], *, keep: int = -1,
+                images: bool) -> None:
+    """Deletes the rows of entry key -> version pairs (never of version ``keep``)."""
+    by_version: dict[int, list[str]] = {}
+    for key, v in versions.items():
+        if v != keep:
+            by_version.setdefault(v, []).append(key)
+    for v, keys in by_version.items():
+        for i in range(0, len(keys), INSERT_BATCH):
+            chunk = ", ".join(map(literal, keys[i : i + INSERT_BATCH]))
+            expr = f"entry_key in [{chunk}] and version == {v}"
+            client.delete(rows_name(kb), filter=expr)
+            if images:
+                client.delete(images_name(kb), filter=expr)
+
+
+def array_tags(client, kb: str) -> bool:
+    """Whether a knowledge base's rows keep tag keys as an ARRAY (else as "|k1|k2|" text)."""
+    fields = client.describe_collection(rows_name(kb)).get("fields", [])
+    from pymilvus import DataType
+
+    return any(f.get("name") == "tags" and f.get("type") == DataType.ARRAY for f in fields)
+
+
+def server_has_bm25(client, uri: str) -> tuple[bool, str]:
+    """(whether the server runs Milvus's BM25 function, its version). Milvus Lite files do;
+    a server does from 2.5 (2.3 accepts a BM25 schema and silently drops the function)."""
+    if not is_server(uri):
+        return True, "lite"
+    version = str(client.get_server_version())
+    found = re.match(r"v?(\d+)\.(\d+)", version)
+    if found is None:
+        return True, version  # not a version we can read: a newer server, presumably
+    return (int(found[1]), int(found[2])) >= (2, 5), version
+
 
 def vector_width(client, collection: str) -> int:
     """The width of a collection's `vector` field (0 when it has none)."""

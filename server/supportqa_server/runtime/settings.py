@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     """`user:password` or an API key for a Milvus server."""
     milvus_db: str = ""
     """Database on a Milvus server; empty: its default."""
+    store_poll_seconds: float = 1.0
+    """On a Milvus server: how often each replica checks for the other replicas' writes, and
+    for Milvus coming back after an outage (s)."""
 
     # Models
     device: str = "auto"

@@ -50,11 +50,12 @@ def _allow_for_emulation() -> None:
         return
     os.environ.setdefault("SUPPORTQA_MAX_QUEUE_MS", "0")
     os.environ.setdefault("SUPPORTQA_SPEECH_MAX_QUEUE_MS", "0")
-    from supportqa import client
+    from supportqa import cli, client
 
     for cls in (client.SupportClient, client.AsyncSupportClient):
         defaults = cls.__init__.__kwdefaults__
         defaults["timeout"] = defaults["timeout"] * SLOWDOWN
+    cli.GLOBAL_DEFAULTS["timeout"] *= SLOWDOWN  # the CLI passes its own deadline
 
 
 _patch()  # at import: -p loads this module before conftest.py and the test modules

@@ -20,6 +20,8 @@ os.environ.setdefault("SUPPORTQA_METRICS_PORT", "0")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: loads real models or runs for seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers", "milvus_server: starts a real Milvus standalone server (installed from PyPI)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -114,6 +114,8 @@ class Pipeline:
             uri, models.encoder.dim, token=s.milvus_token, db_name=s.milvus_db,
             lexical=s.lexical,
             image_dim=models.image_encoder.dim if models.image_encoder else 0,
+            # Replaced rows outlive a few polls, so no replica loses an entry meanwhile.
+            delete_delay_s=4 * s.store_poll_seconds + 1,
         )
         self.store.open()
         self.kbs.store, self.kbs.speech = self.store, models.speech

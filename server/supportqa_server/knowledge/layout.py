@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Iterator, Sequence
 
 from supportqa_server.knowledge.entries import (
@@ -297,6 +299,31 @@ def delete_rows(client, kb: str, versions: dict[str, int], *, keep: int = -1,
             client.delete(rows_name(kb), filter=expr)
             if images:
                 client.delete(images_name(kb), filter=expr)
+
+
+class RowDeletes:
+    """Deletes replaced rows (delete_rows) at once, or ``delay_s`` later when ``run`` is
+    called after that (each replica's poll)."""
+
+    def __init__(self, client, images: bool, delay_s: float) -> None:
+        self.client, self.images, self.delay_s = client, images, delay_s
+        self._due: list[tuple[float, str, dict[str, int], int]] = []  # (at, kb, old, keep)
+        self._lock = threading.Lock()  # writes add from store threads, polls take
+
+    def later(self, kb: str, versions: dict[str, int], *, keep: int = -1) -> None:
+        if self.delay_s <= 0:
+            delete_rows(self.client, kb, versions, keep=keep, images=self.images)
+        else:
+            with self._lock:
+                self._due.append((time.monotonic() + self.delay_s, kb, versions, keep))
+
+    def run(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [d for d in self._due if everything or d[0] <= now]
+            self._due = [d for d in self._due if d not in due]
+        for _, kb, versions, keep in due:
+            delete_rows(self.client, kb, versions, keep=keep, images=self.images)
 
 
 def array_tags(client, kb: str) -> bool:

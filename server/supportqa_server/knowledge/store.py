@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,11 +42,11 @@ from supportqa_server.knowledge.layout import (
     LEGACY_PREFIX,
     META,
     PREFIX,
+    RowDeletes,
     array_tags,
     create_collections,
     create_images,
     create_meta,
-    delete_rows,
     entries_name,
     images_name,
     is_server,
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 # Rows of an uncommitted version younger than this may be another replica's write in flight;
 # older ones are of a write that died, and go when the store opens (s).
 DEAD_ROW_AGE_S = 600.0
+POLL_TIMEOUT_S = 3  # a poll of supportqa_meta; longer and Milvus is reported down (s)
+LOAD_TIMEOUT_S = 10  # loading a collection again after an outage (s)
 
 
 
@@ -82,7 +85,7 @@ class KnowledgeStore(SearchMixin):
 
     def __init__(
         self, uri: str, dim: int, *, token: str = "", db_name: str = "", lexical: bool = True,
-        image_dim: int = 0,
+        image_dim: int = 0, delete_delay_s: float = 0.0,
     ) -> None:
         self.uri = uri
         self.dim = dim
@@ -95,17 +98,25 @@ class KnowledgeStore(SearchMixin):
         self._last_version = 0
         self._client = None
         self.server_version = ""
+        self.delete_delay_s = delete_delay_s
+        self._deletes: RowDeletes | None = None
 
     def open(self) -> None:
         """Connects, loads every knowledge base's committed entries, removes dead rows."""
         from pymilvus import MilvusClient
 
-        kwargs = {"uri": self.uri}
+        # A connection of its own: pymilvus shares one per URI in a process, and closing a
+        # store would cut off every other store on that URI (replicas in one test process).
+        kwargs = {"uri": self.uri, "alias": f"supportqa-{uuid.uuid4().hex}"}
         if self._token:
             kwargs["token"] = self._token
         if self._db_name:
             kwargs["db_name"] = self._db_name
         self._client = TimedClient(MilvusClient(**kwargs))
+        # On a shared server, replaced rows are deleted a while after the commit: a replica
+        # that has not caught up yet still finds the version it knows.
+        self._deletes = RowDeletes(self._client, bool(self.image_dim),
+                                   self.delete_delay_s if is_server(self.uri) else 0.0)
         bm25, self.server_version = server_has_bm25(self._client, self.uri)
         if self.lexical and not bm25:
             log.warning("lexical (BM25) route off: Milvus %s has no BM25 function (it needs "
@@ -144,6 +155,7 @@ class KnowledgeStore(SearchMixin):
 
     def close(self) -> None:
         if self._client is not None:
+            self._deletes.run(everything=True)
             self._client.close()
             self._client = None
 
@@ -240,7 +252,7 @@ class KnowledgeStore(SearchMixin):
     def _published(self) -> dict[str, int]:
         """knowledge base -> revision of its last committed change, as Milvus has it now."""
         rows = self.client.query(META, filter='kb != ""', output_fields=["kb", "revision"],
-                                 consistency_level="Strong")
+                                 consistency_level="Strong", timeout=POLL_TIMEOUT_S)
         return {r["kb"]: int(r["revision"]) for r in rows}
 
     def refresh(self) -> list[str]:
@@ -249,6 +261,7 @@ class KnowledgeStore(SearchMixin):
         names of those that changed. A replica's own writes are seen at once; others' once
         this runs (every SUPPORTQA_STORE_POLL_SECONDS).
         """
+        self._deletes.run()
         changed = []
         for kb, revision in sorted(self._published().items()):
             state = self._kbs.get(kb)
@@ -273,11 +286,11 @@ class KnowledgeStore(SearchMixin):
     def reconnect(self) -> None:
         """Loads every collection again (a restarted Milvus may come back with them
         released)."""
-        self.client.load_collection(META)
+        self.client.load_collection(META, timeout=LOAD_TIMEOUT_S)
         for kb in self._kbs:
             for name in (rows_name(kb), entries_name(kb)) + (
                     (images_name(kb),) if self.image_dim else ()):
-                self.client.load_collection(name)
+                self.client.load_collection(name, timeout=LOAD_TIMEOUT_S)
 
     def knowledge_bases(self) -> list[str]:
         return sorted(self._kbs)
@@ -354,7 +367,7 @@ class KnowledgeStore(SearchMixin):
             self._publish(kb, version)
             # Only the rows of the versions replaced: rows of another replica's write in
             # flight (any other version) stay, and its commit finds them whole.
-            delete_rows(self.client, kb, old, keep=version, images=bool(self.image_dim))
+            self._deletes.later(kb, old, keep=version)
         return len(replaced), len(rows)
 
     def delete(self, kb: str, ids: Sequence[str]) -> tuple[int, list[str]]:
@@ -376,7 +389,7 @@ class KnowledgeStore(SearchMixin):
                     state.ids.pop(k, None)
                 state.revision += 1
                 self._publish(kb, self._next_version())
-                delete_rows(self.client, kb, old, images=bool(self.image_dim))
+                self._deletes.later(kb, old)
         return len(present), missing
 
     def get(self, kb: str, entry_id: str) -> EntryData:

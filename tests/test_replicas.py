@@ -52,7 +52,10 @@ class Milvus:
         self.uri = f"http://127.0.0.1:{self.ports['--proxy-port']}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = 420.0) -> None:
+        """Starts the server and waits until it answers. Started again on its data, Milvus
+        2.3 first waits for its previous session in etcd to lapse: minutes on a busy
+        machine."""
         args = [str(self.exe), "--data", str(self.data)]
         for flag, port in self.ports.items():
             args += [flag, str(port)]
@@ -76,14 +79,14 @@ class Milvus:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=60)
         self.proc = None
         # The launcher runs Milvus (copied under its data folder) in a session of its own,
         # which outlives it: stop that too, or it keeps Milvus's fixed ports (2379, 9091).
-        for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        for sig, wait_s in ((signal.SIGTERM, 60.0), (signal.SIGKILL, 10.0)):
             pids = self._server_pids()
             for pid in pids:
                 os.kill(pid, sig)

@@ -1,6 +1,7 @@
-"""Two replicas on one real Milvus standalone server (PyPI `milvus` 2.3.5, installed into a
-venv of its own under the cache folder): each sees the other's writes, tag filters work
-without BM25, and a Milvus outage is UNAVAILABLE and NOT_SERVING until Milvus is back."""
+"""Two replicas on one real Milvus server, of both kinds a team may run: the Milvus 2.3.5
+standalone server (PyPI `milvus`, no BM25) and milvus-lite 3.2.2's network server (BM25), each
+installed into a venv of its own under the cache folder. Each replica sees the other's writes,
+tag filters work, and a Milvus outage is UNAVAILABLE and NOT_SERVING until Milvus is back."""
 
 from __future__ import annotations
 
@@ -19,8 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.milvus_server]
 
-MILVUS = "milvus==2.3.5"
-VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportqa" / "milvus-2.3.5"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportqa"
+# kind -> (what pip installs, its venv, launcher, routes the store serves on it)
+KINDS = {
+    "standalone-2.3.5": (["milvus==2.3.5"], CACHE / "milvus-2.3.5", "milvus-server",
+                         "routes: dense"),
+    "lite-3.2.2": (["milvus-lite==3.2.2", "pymilvus"], CACHE / "milvus-lite-3.2.2",
+                   "milvus-lite", "routes: dense, lexical"),
+}
 SEEN_WITHIN_S = 5.0  # a write through one replica is answered by the other within this
 PORT_FLAGS = ("--proxy-port", "--etcd-port", "--root-coord-port", "--proxy-internal-port",
               "--query-coord-port", "--query-node-port", "--index-coord-port",
@@ -33,12 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _milvus_server() -> Path:
-    """The milvus-server launcher, installed from PyPI on first use."""
-    exe = VENV / "bin" / "milvus-server"
+def _launcher(kind: str) -> Path:
+    """The server's launcher, installed from PyPI into its own venv on first use."""
+    packages, venv, launcher, _ = KINDS[kind]
+    exe = venv / "bin" / launcher
     if not exe.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", MILVUS], check=True,
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *packages], check=True,
                        timeout=900)
     return exe
 
@@ -46,17 +54,23 @@ def _milvus_server() -> Path:
 class Milvus:
     """A Milvus standalone server on loopback ports of its own, which tests stop and start."""
 
-    def __init__(self, data: Path) -> None:
-        self.data, self.exe = data, _milvus_server()
-        self.ports = {flag: _free_port() for flag in PORT_FLAGS}
-        self.uri = f"http://127.0.0.1:{self.ports['--proxy-port']}"
+    def __init__(self, kind: str, data: Path) -> None:
+        self.kind, self.data, self.exe = kind, data, _launcher(kind)
+        self.routes = KINDS[kind][3]
+        if kind.startswith("lite"):
+            self.ports = {"--port": _free_port()}
+            self.uri = f"http://127.0.0.1:{self.ports['--port']}"
+        else:
+            self.ports = {flag: _free_port() for flag in PORT_FLAGS}
+            self.uri = f"http://127.0.0.1:{self.ports['--proxy-port']}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 420.0) -> None:
         """Starts the server and waits until it answers. Started again on its data, Milvus
         2.3 first waits for its previous session in etcd to lapse: minutes on a busy
         machine."""
-        args = [str(self.exe), "--data", str(self.data)]
+        args = ([str(self.exe), "server", "--data-dir", str(self.data), "--host", "127.0.0.1"]
+                if self.kind.startswith("lite") else [str(self.exe), "--data", str(self.data)])
         for flag, port in self.ports.items():
             args += [flag, str(port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -100,10 +114,10 @@ class Milvus:
         return [int(p) for p in found.split() if int(p) != os.getpid()]
 
 
-@pytest.fixture
-def milvus(tmp_path_factory):
+@pytest.fixture(params=list(KINDS))
+def milvus(request, tmp_path_factory):
     """A fresh server per test: the outage test stops and starts its own."""
-    server = Milvus(tmp_path_factory.mktemp("milvus"))
+    server = Milvus(request.param, tmp_path_factory.mktemp("milvus"))
     server.start()
     try:
         yield server
@@ -152,8 +166,7 @@ async def test_two_replicas_share_one_milvus(milvus, tmp_path):
                 AsyncSupportClient(a_target, retries=0) as a,
                 AsyncSupportClient(b_target, retries=0) as b):
         store = next(c for c in (await b.stats()).components if c.name == "store")
-        assert "2.3.5" in store.detail and "routes: dense" in store.detail
-        assert "lexical" not in store.detail  # no BM25 function before Milvus 2.5
+        assert store.detail.endswith(milvus.routes)  # no BM25 function before Milvus 2.5
 
         await a.upsert([lost, hours])
 
@@ -203,7 +216,7 @@ async def test_two_replicas_share_one_milvus(milvus, tmp_path):
             t0 = time.perf_counter()
             await b.ask("I lost my card")
             times.append((time.perf_counter() - t0) * 1000)
-        print(f"\nAsk through replica B on Milvus 2.3.5, c=1: p50 {sorted(times)[10]:.1f} ms")
+        print(f"\nAsk through replica B on {milvus.kind}, c=1: p50 {sorted(times)[10]:.1f} ms")
 
 
 async def _health(target: str) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_text import Server  # noqa: E402
+from bench_text import Server, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_KB = ROOT / "knowledge" / "sample.jsonl"
@@ -141,10 +141,7 @@ def main() -> int:
         row("Asks beside the writer", beside),
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,14 @@ async def load(target: str, kb: str, queries: list[str], concurrency: int, durat
                           warmup=min(4 * concurrency, 64), timeout=30.0)
 
 
+def write_report(path: str | Path, lines: list[str]) -> int:
+    """Writes a benchmark's Markdown report (docs/benchmarks/) and prints it; returns 0."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
@@ -350,10 +358,7 @@ def main() -> int:
         f"batching on: {rss['on']:.0f} MB, off: {rss['off']:.0f} MB after their runs.",
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return write_report(args.out, lines)
 
 
 if __name__ == "__main__":

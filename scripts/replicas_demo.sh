@@ -62,10 +62,12 @@ sed -e "s/127.0.0.1:50061/127.0.0.1:${ports[0]}/" -e "s/127.0.0.1:50062/127.0.0.
 nginx -c "$work/nginx/nginx.conf" -p "$work/nginx"
 echo "== nginx on 127.0.0.1:$lb"
 
-$BIN/supportqa --target "127.0.0.1:$lb" ingest knowledge/sample.jsonl | tail -1
+out=$($BIN/supportqa --target "127.0.0.1:$lb" ingest knowledge/sample.jsonl)
+echo "== ${out##*$'\n'}"
 sleep 2  # both replicas poll supportqa_meta every second
 for port in "${ports[@]}" "$lb"; do
-  echo "== ask through 127.0.0.1:$port: $($BIN/supportqa --target "127.0.0.1:$port" ask 'someone nicked my debit card' | head -1)"
+  out=$($BIN/supportqa --target "127.0.0.1:$port" ask 'someone nicked my debit card')
+  echo "== ask through 127.0.0.1:$port: ${out%%$'\n'*}"
 done
 printf 'someone nicked my debit card\nI forgot my PIN\nmy transfer has not arrived\nhow do I close my account\n' >"$work/q.txt"
 $BIN/supportqa-bench --target "127.0.0.1:$lb" --text "$work/q.txt" -c 8 --duration 10 --warmup 16

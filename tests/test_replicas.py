@@ -69,6 +69,7 @@ class Milvus:
         """Starts the server and waits until it answers. Started again on its data, Milvus
         2.3 first waits for its previous session in etcd to lapse: minutes on a busy
         machine."""
+        self._wait_for_ports()
         args = ([str(self.exe), "server", "--data-dir", str(self.data), "--host", "127.0.0.1"]
                 if self.kind.startswith("lite") else [str(self.exe), "--data", str(self.data)])
         for flag, port in self.ports.items():
@@ -87,6 +88,22 @@ class Milvus:
                 time.sleep(1)
         raise AssertionError(f"Milvus not up on {self.uri} after {timeout_s} s")
 
+    def _wait_for_ports(self, timeout_s: float = 120.0) -> None:
+        """Waits until every port binds as the launcher binds it (no SO_REUSEADDR): after a
+        stop, the proxy port's connections linger in TIME_WAIT for up to a minute, and a
+        launcher that cannot bind a port it was given fails or moves."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports.values():
+            while True:
+                with socket.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", port))
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                time.sleep(1)
+
     def kill(self) -> None:
         """Stops the server: SIGTERM, then SIGKILL if it hangs (it may: FACTS.md). After a
         bare SIGKILL it took minutes to come back, or came back on another port."""
@@ -103,15 +120,25 @@ class Milvus:
         for sig, wait_s in ((signal.SIGTERM, 60.0), (signal.SIGKILL, 10.0)):
             pids = self._server_pids()
             for pid in pids:
-                os.kill(pid, sig)
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
             deadline = time.monotonic() + wait_s
             while self._server_pids() and time.monotonic() < deadline:
                 time.sleep(0.5)
 
     def _server_pids(self) -> list[int]:
-        found = subprocess.run(["pgrep", "-f", str(self.data / "bin" / "milvus")],
-                               capture_output=True, text=True).stdout
-        return [int(p) for p in found.split() if int(p) != os.getpid()]
+        """Processes running the Milvus binary under this server's data folder."""
+        binary = str(self.data / "bin" / "milvus").encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(binary):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue  # gone meanwhile
+        return pids
 
 
 @pytest.fixture(params=list(KINDS))
@@ -125,12 +152,11 @@ def milvus(request, tmp_path_factory):
         server.kill()
 
 
-def _settings(tmp_path: Path, name: str, uri: str):
+def _settings(tmp_path: Path, name: str, uri: str, **overrides):
     from supportqa_server.runtime.settings import Settings
 
-    # Default settings but the Milvus URI (voice and OCR off only to start faster).
-    return Settings(port=0, data_dir=tmp_path / name, milvus_uri=uri, speech_model="",
-                    ocr=False, clip_model="", store_poll_seconds=0.5)
+    # Default settings but the Milvus URI (and a free port, a folder of its own).
+    return Settings(port=0, data_dir=tmp_path / name, milvus_uri=uri, **overrides)
 
 
 async def _until(check, timeout_s: float):
@@ -237,8 +263,9 @@ async def test_a_milvus_outage_is_unavailable_then_recovers_without_a_restart(mi
                             health_pb2.HealthCheckResponse.NOT_SERVING)
     entry = {"id": "pin", "answer": "Reset it in the app.", "questions": ["reset my PIN"],
              "knowledge_base": "outage"}
-    async with (running_server(_settings(tmp_path, "a", milvus.uri)) as a_target,
-                running_server(_settings(tmp_path, "b", milvus.uri)) as b_target,
+    quick = {"speech_model": "", "ocr": False}  # voice and OCR play no part here
+    async with (running_server(_settings(tmp_path, "a", milvus.uri, **quick)) as a_target,
+                running_server(_settings(tmp_path, "b", milvus.uri, **quick)) as b_target,
                 AsyncSupportClient(a_target, retries=0, timeout=60) as a,
                 AsyncSupportClient(b_target, retries=0, timeout=60) as b):
         await a.upsert([entry])

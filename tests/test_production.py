@@ -294,3 +294,19 @@ async def test_cli_and_load_generator_speak_mtls_with_a_key(prod, pki, tmp_path,
     assert "ok" in capsys.readouterr().out.lower()
     argv = ["--target", target, "--text", str(questions), "--requests", "2"]  # plaintext
     assert await asyncio.to_thread(bench.main, argv) != 0
+
+
+async def test_a_metrics_port_in_use_says_what_to_do(tmp_path):
+    import socket
+
+    from supportqa_server.api.server import create_server
+    from supportqa_server.errors import InvalidInput
+    from supportqa_server.runtime.settings import Settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app, _ = create_server(Settings(port=0, data_dir=tmp_path, metrics_port=port))
+        with pytest.raises(InvalidInput, match="SUPPORTQA_METRICS_PORT"):
+            await app.start()

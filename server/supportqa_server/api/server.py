@@ -56,12 +56,21 @@ class App:
             pipeline.on_store_health = self.set_serving
 
     async def start(self) -> None:
-        """Starts serving gRPC (NOT_SERVING until `load`) and the metrics endpoint."""
-        await self.server.start()
+        """Starts the metrics endpoint and serving gRPC (NOT_SERVING until `load`).
+
+        Raises:
+            InvalidInput: the metrics port cannot be bound.
+        """
         s = self.settings
         if s.metrics_port:
-            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            except OSError as e:
+                raise InvalidInput(
+                    f"cannot serve metrics on {s.host}:{s.metrics_port} ({e.strerror}): set "
+                    "SUPPORTQA_METRICS_PORT to a free port, or 0 to turn metrics off") from e
             log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
+        await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -193,10 +202,10 @@ async def serve(settings: Settings, ingest: Iterable[Path] = ()) -> None:
     """
     try:
         app, port = create_server(settings)
+        await app.start()
     except SupportQAError as e:
         log.error("cannot start: %s", e)
         raise SystemExit(2) from None
-    await app.start()
     log.info("listening on %s:%d%s (NOT_SERVING until models are loaded)", settings.host, port,
              " with TLS" if settings.tls_cert else "")
     stop = asyncio.Event()

@@ -10,7 +10,6 @@ from prometheus_client.core import GaugeMetricFamily
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # confidences lie in [0, 1]
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-STAGES = ("decode", "transcribe", "read", "embed", "search", "rank", "total")
 UNKNOWN_KB = "_unknown"  # label of a question naming no existing knowledge base
 
 

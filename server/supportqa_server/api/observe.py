@@ -4,6 +4,7 @@ request-log line (question texts masked, keys never)."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import re
 import time
@@ -32,8 +33,6 @@ request_log = logging.getLogger("supportqa.requests")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")  # 13-19 digits, maybe grouped
 _PHONE = re.compile(r"(?<![\w(+])[+(]?\d[\d ().-]{5,}\d(?!\d)")  # 7+ digits with separators
-STAGES_US = ("decode_us", "transcribe_us", "read_us", "embed_us", "search_us", "rank_us",
-             "total_us")
 
 
 def mask(text: str) -> str:
@@ -96,7 +95,7 @@ def saw(ev) -> None:
     elif isinstance(ev, NoAnswer):
         call.outcome, call.top_score = "no_answer", ev.best_score
     elif isinstance(ev, Done):
-        call.timings_us = {k: getattr(ev.timings, k) for k in STAGES_US}
+        call.timings_us = dataclasses.asdict(ev.timings)
 
 
 _GRPC_TYPE = {(False, False): "unary", (False, True): "server_stream",

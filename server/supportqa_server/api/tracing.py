@@ -7,9 +7,6 @@ import logging
 
 log = logging.getLogger(__name__)
 
-# A question's stages in the order of its trip; their spans are laid end to end from the
-# call's start (the stage timings are durations, measured where each stage ran).
-STAGE_ORDER = ("decode", "transcribe", "read", "embed", "search", "rank")
 
 
 def instrument() -> None:
@@ -39,19 +36,20 @@ def instrument() -> None:
 
 
 def stage_spans(timings_ms: dict[str, float], started: float) -> None:
-    """One child span of the current (RPC) span per stage that took time.
+    """One child span of the current (RPC) span per stage that took time, laid end to end
+    from the call's start (the timings are durations, measured where each stage ran).
 
     Args:
-        timings_ms: Stage -> milliseconds, as the request log has them.
+        timings_ms: Stage -> milliseconds in the order of the trip, as the request log has
+            them (Timings' field order).
         started: time.time() when the call started.
     """
     from opentelemetry import trace
 
     tracer = trace.get_tracer("supportqa")
     at = int(started * 1e9)
-    for stage in STAGE_ORDER:
-        ms = timings_ms.get(stage)
-        if not ms:
+    for stage, ms in timings_ms.items():
+        if not ms or stage == "total":
             continue
         end = at + int(ms * 1e6)
         span = tracer.start_span(f"supportqa.{stage}", start_time=at)

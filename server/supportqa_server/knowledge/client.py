@@ -16,6 +16,11 @@ _TIMED = frozenset({"insert", "upsert", "delete", "query", "list_collections", "
                     "has_collection", "get_server_version"})
 
 
+def _unavailable(e: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(
+        "the knowledge store (Milvus) cannot be reached or is loading: retry in a few seconds")
+
+
 def unreachable(e: BaseException) -> bool:
     """Whether a Milvus call failed because Milvus is down, restarting or not loaded."""
     return any(s in str(e) for s in _UNREACHABLE)
@@ -39,9 +44,7 @@ class TimedClient:
                 return fn(*args, **kwargs)
             except Exception as e:
                 if unreachable(e):
-                    raise StoreUnavailable(
-                        "the knowledge store (Milvus) cannot be reached or is loading: retry "
-                        "in a few seconds") from e
+                    raise _unavailable(e) from e
                 raise
 
         return call
@@ -70,8 +73,7 @@ def read_hits(pending, nq: int) -> list[list[tuple[str, float]]]:
         check_status(reply.status)
     except MilvusException as e:
         if unreachable(e):
-            raise StoreUnavailable("the knowledge store (Milvus) cannot be reached or is "
-                                   "loading: retry in a few seconds") from e
+            raise _unavailable(e) from e
         raise
     r = reply.results
     ids = list(r.ids.str_id.data) if r.ids.HasField("str_id") else [

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     speech_max_queue_ms: float = Field(5000.0, ge=0.0)
     """The same for Whisper and OCR, whose batches take 0.1-2 s."""
     speech_max_batch: int = 8
-    """Clips per Whisper call."""
+    """Utterances per Whisper call."""
     speech_max_wait_ms: float = 20.0
     """How long a Whisper batch waits to fill, once callers are concurrent."""
     ocr_max_batch: int = 4

@@ -16,7 +16,13 @@ from .client import (
     SupportQAError,
     audio_format_of,
 )
-from .knowledge_file import KnowledgeFileError, read_numbered, repeated_ids
+from .knowledge_file import (
+    KnowledgeFileError,
+    is_article_id,
+    read_folder,
+    read_numbered,
+    repeated_ids,
+)
 from .v1 import supportqa_pb2 as pb
 
 ROUTE_NAMES = {pb.ROUTE_DENSE: "dense", pb.ROUTE_LEXICAL: "lexical", pb.ROUTE_READ: "read",
@@ -52,6 +58,12 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
     for a in result.answers:
         routes = ",".join(ROUTE_NAMES.get(r, "?") for r in a.routes)
         print(f"{a.rank}. [{a.score:.3f}] {a.title}  ({a.entry_id}; {routes})")
+        if a.HasField("passage"):
+            where = " > ".join(a.passage.headings)
+            print(f"   in: {where or '(lead)'}  [{a.passage.start}:{a.passage.end}]"
+                  + (f"  {a.url}" if a.url else ""))
+            if a.short_answer:
+                print(f"   short: {a.short_answer}")
         print(f"   {a.answer}")
     t = result.timings
     print(f"({t.total_us / 1000:.1f} ms: embed {t.embed_us / 1000:.1f}, "
@@ -63,17 +75,24 @@ def _ingest(args: argparse.Namespace, client: SupportClient) -> int:
     """All or nothing: the whole file is read and checked (by the server too, in a dry run)
     before the first entry is written; a bad line is reported as FILE:LINE and nothing is."""
     path = Path(args.path)
+    if args.prune and not path.is_dir():
+        print("error: --prune needs a folder of articles", file=sys.stderr)
+        return 2
     try:
-        numbered = list(read_numbered(path))
+        # (where a problem is reported: FILE:LINE or the article's file, entry)
+        located = ([(str(f), e) for f, e in read_folder(path)] if path.is_dir()
+                   else [(f"{path}:{n}", e) for n, e in read_numbered(path)])
     except (OSError, UnicodeDecodeError, KnowledgeFileError) as e:
         print(f"error: {e}; nothing written", file=sys.stderr)
         return 2
+    numbered = [(n, e) for n, (_, e) in enumerate(located, 1)]
     for _, e in numbered:
         if args.knowledge_base and not e.knowledge_base:
             e.knowledge_base = args.knowledge_base
-    problems = repeated_ids(path, ((n, e.knowledge_base, e.id) for n, e in numbered))
+    problems = (repeated_ids(path, ((n, e.knowledge_base, e.id) for n, e in numbered))
+                if not path.is_dir() else [])
     checked = client.upsert((e for _, e in numbered), timeout=args.timeout, dry_run=True)
-    problems += [f"{path}:{numbered[f.index][0]}: {f.message}" for f in checked.failures]
+    problems += [f"{located[f.index][0]}: {f.message}" for f in checked.failures]
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"error: {len(problems)} invalid line(s) in {path}; nothing written",
@@ -98,6 +117,14 @@ def _ingest(args: argparse.Namespace, client: SupportClient) -> int:
     sys.stderr.write("\n")
     print(f"received {s.received}, written {s.written} ({s.replaced} replaced), rows {s.rows}, "
           f"failed {len(s.failures)}")
+    if args.prune:
+        kb = args.knowledge_base or "default"
+        present = {e.id for _, e in numbered}
+        gone = [i for i in client.list_ids(kb, timeout=args.timeout)
+                if is_article_id(i) and i not in present]
+        if gone:
+            client.delete(gone, knowledge_base=kb, timeout=args.timeout)
+        print(f"pruned {len(gone)} article(s) whose files are gone")
     return 0
 
 
@@ -180,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--locale", default="")
     ask.add_argument("--language", default="", help="spoken-language hint, e.g. en")
     ing = sub.add_parser("ingest", parents=[common],
-                         help="stream a JSONL knowledge base into the server")
-    ing.add_argument("path")
+                         help="stream a JSONL knowledge base, or a folder of Markdown / HTML / "
+                         "text articles, into the server")
+    ing.add_argument("path", help="a JSONL file, or a folder of .md/.html/.txt articles")
+    ing.add_argument("--prune", action="store_true",
+                     help="with a folder: delete the articles whose files are gone")
     ing.add_argument("--knowledge-base", "-k", default="",
                      help="knowledge base for entries that name none")
     st = sub.add_parser("stats", parents=[common],

@@ -276,6 +276,12 @@ class SupportClient(_Base):
         return self._call(self._knowledge.Get,
                           pb.GetRequest(knowledge_base=knowledge_base, id=entry_id), timeout)
 
+    def list_ids(self, knowledge_base: str = "default", *,
+                 timeout: float | None = None) -> list[str]:
+        """The ids of a knowledge base's entries, sorted."""
+        return list(self._call(self._knowledge.ListIds,
+                               pb.ListIdsRequest(knowledge_base=knowledge_base), timeout).ids)
+
     def stats(self, knowledge_base: str = "", *, timeout: float | None = None) -> pb.StatsReply:
         return self._call(self._knowledge.Stats,
                           pb.StatsRequest(knowledge_base=knowledge_base), timeout)
@@ -391,6 +397,13 @@ class AsyncSupportClient(_Base):
         return await self._call(
             self._knowledge.Get, pb.GetRequest(knowledge_base=knowledge_base, id=entry_id), timeout
         )
+
+    async def list_ids(self, knowledge_base: str = "default", *,
+                       timeout: float | None = None) -> list[str]:
+        """The ids of a knowledge base's entries, sorted."""
+        reply = await self._call(self._knowledge.ListIds,
+                                 pb.ListIdsRequest(knowledge_base=knowledge_base), timeout)
+        return list(reply.ids)
 
     async def stats(self, knowledge_base: str = "", *,
                     timeout: float | None = None) -> pb.StatsReply:

@@ -33,6 +33,7 @@ from supportqa_tools.datasets import (  # noqa: F401 - re-exported for callers o
     readable_label,
     stratified_split,
 )
+from supportqa_tools.faq import SHAPES, bm25_outcomes, faq_entries, is_faq_file, read_faq
 from supportqa_tools.metrics import (  # noqa: F401 - re-exported for callers of the harness
     Outcome,
     apply_threshold,
@@ -305,6 +306,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.2,
         help="share of each label held back as queries when --kb and --queries are the same",
     )
+    data.add_argument(
+        "--kb-shape", choices=SHAPES, default="article",
+        help="for a StackFAQ-style --kb of articles: one entry per article as an article "
+        "(body split into passages), as a passage (title + answer text) or as text alone",
+    )
+    data.add_argument("--bm25", action="store_true",
+                      help="also score BM25 over the same entries and queries (always on for "
+                      "articles): the baseline to beat")
     data.add_argument("--seed", type=int, default=13, help="seed of splits, shuffles, images")
     data.add_argument(
         "--no-answer-label", metavar="LABEL", help="label whose right answer is NoAnswer (oos)"
@@ -374,6 +383,10 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
     """
     _check_args(args)
     kb_path = Path(args.kb)
+    if is_faq_file(kb_path):
+        articles, queries = read_faq(kb_path)
+        return build_dataset([Example(a.title, a.id) for a in articles], queries,
+                             same_source=False, seed=args.seed, limit=args.limit)
     queries_path = Path(args.queries) if args.queries else kb_path
     kb_splits = list(args.kb_split)
     queries_splits = list(args.queries_split)
@@ -429,7 +442,9 @@ def eval_main(args: argparse.Namespace, *, client_factory: ClientFactory | None 
         return EXIT_BAD_INPUT
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    entries = build_entries(dataset.kb, args.knowledge_base)
+    faq = is_faq_file(Path(args.kb))
+    entries = (faq_entries(read_faq(args.kb)[0], args.knowledge_base, args.kb_shape) if faq
+               else build_entries(dataset.kb, args.knowledge_base))
     adapted = None
     if getattr(args, "adapt", None):
         from supportqa_tools.adapt import AdaptOptions, adapt
@@ -501,12 +516,21 @@ def eval_main(args: argparse.Namespace, *, client_factory: ClientFactory | None 
         metrics["sweep"] = sweep
         metrics["best_threshold"] = best_threshold(sweep)
     metrics["config"] = config
+    if faq or args.bm25:
+        metrics["bm25"] = compute_metrics(
+            bm25_outcomes(entries, dataset.queries, args.top_k), label)
+        config["kb_shape"] = args.kb_shape if faq else "intents"
 
     print(
         f"{args.modality} evaluation: {len(outcomes)} queries, {len(entries)} entries "
         f"in knowledge base {args.knowledge_base!r}"
     )
     print(format_metrics(metrics))
+    if "bm25" in metrics:
+        b = metrics["bm25"]
+        print(f"bm25 baseline (same entries and queries): accuracy@1 "
+              f"{b['accuracy_at_1']:.4f}, recall@5 {b['recall_at_5']:.4f}, mrr {b['mrr']:.4f}; "
+              f"server - bm25 accuracy@1 {metrics['accuracy_at_1'] - b['accuracy_at_1']:+.4f}")
     if args.sweep_thresholds:
         print()
         print("threshold sweep (asked with min_score=0; '<' marks the best no_answer_f1)")

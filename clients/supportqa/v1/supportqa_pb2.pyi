@@ -26,6 +26,13 @@ class Route(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUTE_LEXICAL: _ClassVar[Route]
     ROUTE_READ: _ClassVar[Route]
     ROUTE_SEE: _ClassVar[Route]
+
+class BodyFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BODY_FORMAT_UNSPECIFIED: _ClassVar[BodyFormat]
+    BODY_FORMAT_MARKDOWN: _ClassVar[BodyFormat]
+    BODY_FORMAT_HTML: _ClassVar[BodyFormat]
+    BODY_FORMAT_TEXT: _ClassVar[BodyFormat]
 AUDIO_FORMAT_UNSPECIFIED: AudioFormat
 AUDIO_FORMAT_WAV: AudioFormat
 AUDIO_FORMAT_FLAC: AudioFormat
@@ -37,6 +44,10 @@ ROUTE_DENSE: Route
 ROUTE_LEXICAL: Route
 ROUTE_READ: Route
 ROUTE_SEE: Route
+BODY_FORMAT_UNSPECIFIED: BodyFormat
+BODY_FORMAT_MARKDOWN: BodyFormat
+BODY_FORMAT_HTML: BodyFormat
+BODY_FORMAT_TEXT: BodyFormat
 
 class Audio(_message.Message):
     __slots__ = ("data", "format", "sample_rate_hz", "channels")
@@ -90,7 +101,7 @@ class Question(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ..., text: _Optional[str] = ..., audio: _Optional[_Union[Audio, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., locale: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., language: _Optional[str] = ...) -> None: ...
 
 class Answer(_message.Message):
-    __slots__ = ("rank", "entry_id", "title", "answer", "score", "routes", "matched_text", "url", "tags")
+    __slots__ = ("rank", "entry_id", "title", "answer", "score", "routes", "matched_text", "url", "tags", "passage", "short_answer")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +111,8 @@ class Answer(_message.Message):
     MATCHED_TEXT_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    SHORT_ANSWER_FIELD_NUMBER: _ClassVar[int]
     rank: int
     entry_id: str
     title: str
@@ -109,7 +122,21 @@ class Answer(_message.Message):
     matched_text: str
     url: str
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rank: _Optional[int] = ..., entry_id: _Optional[str] = ..., title: _Optional[str] = ..., answer: _Optional[str] = ..., score: _Optional[float] = ..., routes: _Optional[_Iterable[_Union[Route, str]]] = ..., matched_text: _Optional[str] = ..., url: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    passage: Passage
+    short_answer: str
+    def __init__(self, rank: _Optional[int] = ..., entry_id: _Optional[str] = ..., title: _Optional[str] = ..., answer: _Optional[str] = ..., score: _Optional[float] = ..., routes: _Optional[_Iterable[_Union[Route, str]]] = ..., matched_text: _Optional[str] = ..., url: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., passage: _Optional[_Union[Passage, _Mapping]] = ..., short_answer: _Optional[str] = ...) -> None: ...
+
+class Passage(_message.Message):
+    __slots__ = ("text", "headings", "start", "end")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    HEADINGS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    headings: _containers.RepeatedScalarFieldContainer[str]
+    start: int
+    end: int
+    def __init__(self, text: _Optional[str] = ..., headings: _Optional[_Iterable[str]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class NoAnswer(_message.Message):
     __slots__ = ("reason", "best_score", "threshold")
@@ -236,7 +263,7 @@ class ConverseRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[ConverseConfig, _Mapping]] = ..., audio_chunk: _Optional[bytes] = ..., end: _Optional[_Union[EndOfUtterance, _Mapping]] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("knowledge_base", "id", "title", "answer", "questions", "tags", "locale", "images", "url", "updated_at")
+    __slots__ = ("knowledge_base", "id", "title", "answer", "questions", "tags", "locale", "images", "url", "updated_at", "body", "body_format")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +274,8 @@ class Entry(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    BODY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     id: str
     title: str
@@ -257,7 +286,9 @@ class Entry(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[Image]
     url: str
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, knowledge_base: _Optional[str] = ..., id: _Optional[str] = ..., title: _Optional[str] = ..., answer: _Optional[str] = ..., questions: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., locale: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., url: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    body: str
+    body_format: BodyFormat
+    def __init__(self, knowledge_base: _Optional[str] = ..., id: _Optional[str] = ..., title: _Optional[str] = ..., answer: _Optional[str] = ..., questions: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., locale: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., url: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., body: _Optional[str] = ..., body_format: _Optional[_Union[BodyFormat, str]] = ...) -> None: ...
 
 class EntryFailure(_message.Message):
     __slots__ = ("index", "entry_id", "code", "message")
@@ -308,6 +339,18 @@ class GetRequest(_message.Message):
     knowledge_base: str
     id: str
     def __init__(self, knowledge_base: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class ListIdsRequest(_message.Message):
+    __slots__ = ("knowledge_base",)
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+
+class ListIdsReply(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("knowledge_base",)

@@ -223,6 +223,11 @@ class KnowledgeStub:
                 request_serializer=supportqa_dot_v1_dot_supportqa__pb2.StatsRequest.SerializeToString,
                 response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.ListIds = channel.unary_unary(
+                '/supportqa.v1.Knowledge/ListIds',
+                request_serializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsRequest.SerializeToString,
+                response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsReply.FromString,
+                _registered_method=True)
 
 
 class KnowledgeServicer:
@@ -261,6 +266,14 @@ class KnowledgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIds(self, request, context):
+        """The ids of a knowledge base's entries, sorted (what `supportqa ingest --prune` compares
+        with a folder of articles).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +296,11 @@ def add_KnowledgeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.StatsRequest.FromString,
                     response_serializer=supportqa_dot_v1_dot_supportqa__pb2.StatsReply.SerializeToString,
+            ),
+            'ListIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIds,
+                    request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsRequest.FromString,
+                    response_serializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +412,33 @@ class Knowledge:
             '/supportqa.v1.Knowledge/Stats',
             supportqa_dot_v1_dot_supportqa__pb2.StatsRequest.SerializeToString,
             supportqa_dot_v1_dot_supportqa__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supportqa.v1.Knowledge/ListIds',
+            supportqa_dot_v1_dot_supportqa__pb2.ListIdsRequest.SerializeToString,
+            supportqa_dot_v1_dot_supportqa__pb2.ListIdsReply.FromString,
             options,
             channel_credentials,
             insecure,

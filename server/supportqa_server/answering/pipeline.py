@@ -16,7 +16,15 @@ import numpy as np
 from supportqa_server.answering import converse as converse_flow
 from supportqa_server.answering.knowledge_bases import KnowledgeBases
 from supportqa_server.answering.models import IMAGE, OCR, SPEECH, TEXT, Models
-from supportqa_server.answering.rank import READ, SEE, RankedEntry, RankOptions, fuse_lists, rank
+from supportqa_server.answering.rank import (
+    READ,
+    SEE,
+    RankedEntry,
+    RankOptions,
+    best_sentence,
+    fuse_lists,
+    rank,
+)
 from supportqa_server.answering.search import (
     MIN_ROWS,
     SearchItem,
@@ -47,7 +55,7 @@ from supportqa_server.answering.types import (  # noqa: F401 - the answering API
 from supportqa_server.errors import InvalidInput, NotAvailable, NotReady, TooLarge
 from supportqa_server.knowledge.entries import MAX_FILTER_TAGS, EntryData
 from supportqa_server.knowledge.store import KnowledgeStore
-from supportqa_server.knowledge.writer import check_kb_name
+from supportqa_server.knowledge.writer import Splitting, check_kb_name, with_passages
 from supportqa_server.runtime.datadir import lock_data_dir
 from supportqa_server.runtime.settings import Settings
 
@@ -313,7 +321,7 @@ class Pipeline:
             weighted.append((1.0, await self._ranked_see(req, see_vector, timings)))
         t0 = time.perf_counter()
         ranked = weighted[0][1] if len(weighted) == 1 else fuse_lists(weighted)
-        events = self._answers(req, ranked, threshold)
+        events = self._answers(req, ranked, threshold, queries[0].text if queries else "")
         timings.rank_us += us_since(t0)
         for ev in events:
             yield ev
@@ -357,7 +365,7 @@ class Pipeline:
         return sorted(best.values(), key=lambda r: -r.fused)
 
     def _answers(
-        self, req: AskRequest, ranked: list[RankedEntry], threshold: float
+        self, req: AskRequest, ranked: list[RankedEntry], threshold: float, question: str
     ) -> list[Answer | NoAnswer]:
         assert self.store is not None
         out: list[Answer | NoAnswer] = []
@@ -378,9 +386,12 @@ class Pipeline:
                 # (docs/benchmarks/quality.md).
                 best = r
                 break
-            out.append(
-                Answer(len(out) + 1, entry, r.score, tuple(sorted(r.routes)), r.matched_text)
-            )
+            passage = entry.passage_of(r.matched_text) or (
+                entry.passages[0] if entry.passages else None)
+            out.append(Answer(
+                len(out) + 1, entry, r.score, tuple(sorted(r.routes)), r.matched_text, passage,
+                best_sentence(question, passage.text) if passage else "",
+            ))
         if not out:
             reason = (
                 f"no confident answer: the best match scores {best.score:.2f}, below the "
@@ -420,6 +431,17 @@ class Pipeline:
         self.kbs.head(knowledge_base)  # retrain now rather than on the next question
         return UpsertResult(len(entries), replaced, rows)
 
+    async def with_passages(self, index: int, entry: EntryData) -> EntryData:
+        """The entry with an article body or a long answer split into passages
+        (knowledge/writer.py), on a worker thread: a large article takes a second."""
+        if not entry.body and len(entry.answer) < self.settings.passage_tokens:
+            return entry  # a word piece has at least one character: it fits
+        s = self.settings
+        splitting = Splitting(self.models.encoder.count_tokens, s.passage_tokens,
+                              s.max_article_bytes)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.models.decode_exec, with_passages, index, entry, splitting)
+
     async def delete(self, knowledge_base: str, ids: Sequence[str]) -> tuple[int, list[str]]:
         store = self._require_ready()
         deleted = await asyncio.get_running_loop().run_in_executor(
@@ -430,6 +452,10 @@ class Pipeline:
 
     def get(self, knowledge_base: str, entry_id: str) -> EntryData:
         return self._require_ready().get(knowledge_base, entry_id)
+
+    def ids(self, knowledge_base: str) -> list[str]:
+        """The ids of a knowledge base's entries, sorted."""
+        return self._require_ready().ids(knowledge_base)
 
     def entry(self, knowledge_base: str, entry_id: str) -> EntryData | None:
         """The stored entry, or None (also for an unknown knowledge base)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from supportqa_server.knowledge.entries import RowHit
 
 DENSE, LEXICAL, READ, SEE = "dense", "lexical", "read", "see"
+PASSAGE = "passage"  # the row kind of an article's (or a long answer's) passages
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,36 @@ class RankedEntry:
 
 
 def _by_entry(hits: Sequence[RowHit]) -> dict[str, list[float]]:
-    """Each entry's dense cosines, best first (hits come best first from the store)."""
+    """Each entry's dense cosines, best first (hits come best first from the store), its
+    passages left out (_best_passage)."""
     by_entry: dict[str, list[float]] = defaultdict(list)
     for h in hits:
-        by_entry[h.entry_id].append(h.score)
+        if h.kind != PASSAGE:
+            by_entry[h.entry_id].append(h.score)
     for s in by_entry.values():
         s.sort(reverse=True)
     return by_entry
+
+
+def _best_passage(hits: Sequence[RowHit]) -> dict[str, float]:
+    """Each entry's best passage cosine. Passages count by their best alone, never averaged
+    with the others: they say different things, and a mean would rank a long article below
+    a short one for the same passage (a title, paraphrases and an answer say the same thing,
+    and their mean is steadier than their best)."""
+    best: dict[str, float] = {}
+    for h in hits:
+        if h.kind == PASSAGE and h.score > best.get(h.entry_id, -math.inf):
+            best[h.entry_id] = h.score
+    return best
+
+
+def _aggregate(e: str, by_entry: dict[str, list[float]], passages: dict[str, float],
+               n: int) -> float:
+    """An entry's mean_top score: the mean of its best n rows, or its best passage if that
+    is higher."""
+    rows = by_entry.get(e)
+    mean = _mean_top(rows, n) if rows else -math.inf
+    return max(mean, passages.get(e, -math.inf))
 
 
 def _mean_top(scores: list[float], n: int) -> float:
@@ -99,13 +124,16 @@ def _mean_top(scores: list[float], n: int) -> float:
 
 
 def _dense_keys(
-    hits: Sequence[RowHit], by_entry: dict[str, list[float]], opts: RankOptions
+    hits: Sequence[RowHit], by_entry: dict[str, list[float]], passages: dict[str, float],
+    opts: RankOptions
 ) -> dict[str, float]:
     """Ranking key of every entry with a dense row; higher is better."""
+    entries = set(by_entry) | set(passages)
     if opts.aggregation == "max":
-        return {e: s[0] for e, s in by_entry.items()}
+        return {e: max(by_entry.get(e, [-math.inf])[0], passages.get(e, -math.inf))
+                for e in entries}
     if opts.aggregation == "mean_top":
-        return {e: _mean_top(s, opts.top_rows) for e, s in by_entry.items()}
+        return {e: _aggregate(e, by_entry, passages, opts.top_rows) for e in entries}
     top = sorted(hits, key=lambda h: -h.score)[: opts.knn]
     if not top:
         return {}
@@ -116,7 +144,9 @@ def _dense_keys(
     total = sum(votes.values())
     # Voted entries rank by vote share, in (1, 2]; the others by their best cosine, in
     # [-2, 0], below every voted entry.
-    return {e: 1.0 + votes[e] / total if e in votes else s[0] - 1.0 for e, s in by_entry.items()}
+    return {e: 1.0 + votes[e] / total if e in votes
+            else max(by_entry.get(e, [-math.inf])[0], passages.get(e, -math.inf)) - 1.0
+            for e in entries}
 
 
 def rank(
@@ -150,12 +180,14 @@ def rank(
     for h in dense:
         if h.entry_id not in best_row or h.score > best_row[h.entry_id].score:
             best_row[h.entry_id] = h
-    by_entry = _by_entry(dense)
-    dense_key = _dense_keys(dense, by_entry, opts)
+    by_entry, passages = _by_entry(dense), _best_passage(dense)
+    dense_key = _dense_keys(dense, by_entry, passages, opts)
     lex_best: dict[str, float] = {}
+    lex_row: dict[str, str] = {}  # the best BM25 row's text: what matched when no dense row did
     for h in lexical:
         if h.score > lex_best.get(h.entry_id, -math.inf):
             lex_best[h.entry_id] = h.score
+            lex_row[h.entry_id] = h.text
     lex_order = sorted(lex_best, key=lambda e: -lex_best[e])
     fused: dict[str, float] = defaultdict(float)
     use_lex = opts.lexical_weight > 0 and bool(lex_order)
@@ -188,14 +220,15 @@ def rank(
         if row is None:
             conf = 0.0
         elif opts.confidence == "mean_top":
-            conf = _mean_top(by_entry[e], opts.top_rows)
+            conf = _aggregate(e, by_entry, passages, opts.top_rows)
         else:
             conf = row.score
         routes = {DENSE} if row else set()
         if e in lex_set:
             routes.add(LEXICAL)
         routes.update(extra_routes)
-        out.append(RankedEntry(e, max(0.0, min(1.0, conf)), f, routes, row.text if row else ""))
+        out.append(RankedEntry(e, max(0.0, min(1.0, conf)), f, routes,
+                               row.text if row else lex_row.get(e, "")))
     out.sort(key=lambda r: (-r.fused, -r.score))
     if opts.margin_weight and len(out) >= 2:
         gap = max(0.0, out[0].score - max(r.score for r in out[1:]))
@@ -227,3 +260,29 @@ def fuse_lists(lists: Sequence[tuple[float, list[RankedEntry]]]) -> list[RankedE
             if item.score > cur.score:
                 cur.score, cur.matched_text = item.score, item.matched_text
     return sorted(merged.values(), key=lambda r: (-r.fused, -r.score))
+
+
+_WORD = re.compile(r"\w+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+# Words that say nothing about which sentence answers: left out of the overlap.
+_FILLER = frozenset(
+    "a an and are as at be by can do does for from how i if in is it my of on or so that the "
+    "this to was what when where which who why will with you your".split())
+
+
+def best_sentence(question: str, text: str, max_chars: int = 300) -> str:
+    """The sentence of ``text`` that shares the most words with the question (weighted by
+    their rarity in the text, ties to the earlier one), at most ``max_chars`` long: a short
+    answer a bot can say before offering the whole passage. Empty when none shares a word."""
+    asked = {w for w in _WORD.findall(question.lower()) if w not in _FILLER}
+    sentences = [s.strip() for s in _SENTENCE.split(text) if s.strip()]
+    if not asked or not sentences:
+        return ""
+    seen = [set(_WORD.findall(s.lower())) for s in sentences]
+    df = {w: sum(w in words for words in seen) for w in asked}
+    scores = [sum(1.0 / df[w] for w in asked & words) for words in seen]
+    best = max(range(len(sentences)), key=lambda i: (scores[i], -i))
+    if scores[best] == 0:
+        return ""
+    s = sentences[best]
+    return s if len(s) <= max_chars else s[: max_chars - 3].rsplit(" ", 1)[0] + "..."

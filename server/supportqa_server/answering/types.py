@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from supportqa_server.knowledge.articles import Passage
 from supportqa_server.knowledge.entries import EntryData
 from supportqa_server.runtime.settings import DEFAULT_KB
 
@@ -69,6 +70,8 @@ class Answer:
     score: float
     routes: tuple[str, ...]
     matched_text: str
+    passage: Passage | None = None  # of an article or a long answer: the one that matched
+    short_answer: str = ""  # the passage's sentence nearest the question
 
 
 @dataclass(frozen=True)

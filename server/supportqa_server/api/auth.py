@@ -25,6 +25,7 @@ ROLE_OF = {
     "/supportqa.v1.Answering/Converse": READER,
     "/supportqa.v1.Knowledge/Get": READER,
     "/supportqa.v1.Knowledge/Stats": READER,
+    "/supportqa.v1.Knowledge/ListIds": READER,
     "/supportqa.v1.Knowledge/Upsert": WRITER,
     "/supportqa.v1.Knowledge/Delete": WRITER,
 }

@@ -16,6 +16,12 @@ AUDIO_FORMATS = {
         "AUDIO_FORMAT_").lower()
     for v in pb.AudioFormat.values()
 }
+# BODY_FORMAT_HTML -> "html", as knowledge.articles.FORMATS names them; UNSPECIFIED -> "".
+BODY_FORMATS = {
+    v: "" if v == pb.BODY_FORMAT_UNSPECIFIED else pb.BodyFormat.Name(v).removeprefix(
+        "BODY_FORMAT_").lower()
+    for v in pb.BodyFormat.values()
+}
 ROUTES = {DENSE: pb.ROUTE_DENSE, LEXICAL: pb.ROUTE_LEXICAL, READ: pb.ROUTE_READ, SEE: pb.ROUTE_SEE}
 
 
@@ -51,11 +57,18 @@ def timings(t: p.Timings) -> pb.StageTimings:
 
 def answer(a: p.Answer) -> pb.Answer:
     e = a.entry
-    return pb.Answer(
-        rank=a.rank, entry_id=e.id, title=e.title, answer=e.answer, score=a.score,
+    out = pb.Answer(
+        rank=a.rank, entry_id=e.id, title=e.title, score=a.score,
+        # an article has no answer text of its own: its passage that matched is the answer
+        answer=e.answer or (a.passage.text if a.passage else ""),
         routes=[ROUTES[r] for r in a.routes], matched_text=a.matched_text, url=e.url,
-        tags=list(e.tags),
+        tags=list(e.tags), short_answer=a.short_answer,
     )
+    if a.passage is not None:
+        ps = a.passage
+        out.passage.CopyFrom(pb.Passage(text=ps.text, headings=list(ps.headings),
+                                        start=ps.start, end=ps.end))
+    return out
 
 
 def transcript(t: p.Transcript) -> pb.Transcript:
@@ -113,7 +126,7 @@ def entry_data(e: pb.Entry) -> tuple[str, EntryData]:
     return e.knowledge_base or DEFAULT_KB, EntryData(
         id=e.id, answer=e.answer, title=e.title, questions=tuple(e.questions),
         tags=tuple(t for t in e.tags if t), locale=e.locale, url=e.url, updated_at=updated,
-        image_count=len(e.images),
+        image_count=len(e.images), body=e.body, body_format=BODY_FORMATS.get(e.body_format, "?"),
     )
 
 

@@ -117,6 +117,13 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
         return conv.entry_message(kb, self.pipeline.get(kb, request.id))
 
     @unary_errors
+    async def ListIds(self, request: pb.ListIdsRequest, context) -> pb.ListIdsReply:
+        kb = request.knowledge_base or DEFAULT_KB
+        observe.touched(kb)
+        auth.current().require(kb)
+        return pb.ListIdsReply(ids=self.pipeline.ids(kb))
+
+    @unary_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsReply:
         out = pb.StatsReply()
         principal = auth.current()

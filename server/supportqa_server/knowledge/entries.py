@@ -8,7 +8,9 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+
+from supportqa_server.knowledge.articles import Passage
 
 MAX_TEXT_BYTES = 8192  # VARCHAR capacity of one searchable text, in bytes
 MAX_DOC_BYTES = 65535  # VARCHAR capacity of one entry's JSON
@@ -57,32 +59,93 @@ class EntryData:
     updated_at: float = 0.0  # seconds since the epoch; 0 when the caller gave none
     image_count: int = 0
     see_rows: int = 0  # rows in the CLIP space: its images, then its texts (0 when CLIP is off)
+    # An article's passages (knowledge/articles.py), or a long answer's: each one row. Their
+    # texts live in the rows, not in the stored JSON (an article may be megabytes); the store
+    # reads them back (layout.passage_texts).
+    passages: tuple[Passage, ...] = ()
+    # The article as sent, and its format ("" guesses): split into passages on write, then
+    # dropped (never stored).
+    body: str = field(default="", repr=False, compare=False)
+    body_format: str = ""
 
     def texts(self) -> list[tuple[str, str]]:
-        """(kind, text) of every searchable text, duplicates removed, in a stable order."""
+        """(kind, text) of every searchable text in row order: title, paraphrases and answer
+        (duplicates removed; the answer only when it was not split into passages), then one
+        per passage, its heading path before its text."""
         return self._texts
 
     @functools.cached_property
     def _texts(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         seen: set[str] = set()
-        for kind, text in [("title", self.title)] + [("question", q) for q in self.questions] + [
-            ("answer", self.answer)
-        ]:
+        answer = [] if self.passages else [("answer", self.answer)]
+        for kind, text in [("title", self.title)] + [("question", q) for q in self.questions] + (
+            answer
+        ):
             t = text.strip()
             if t and t.casefold() not in seen:
                 seen.add(t.casefold())
                 out.append((kind, t))
-        return out
+        return out + [("passage", self.passage_prefix(p) + p.text) for p in self.passages]
+
+    def passage_prefix(self, p: Passage) -> str:
+        """What a passage's row holds before its text: the article's title and the passage's
+        headings, so that both are searched with it ("Title > Heading > Sub" and a line
+        break; empty when there are none)."""
+        path = " > ".join(h for h in (self.title.strip(), *p.headings) if h)
+        return path + "\n" if path else ""
+
+    def passage_of(self, row_text: str) -> Passage | None:
+        """The passage whose row holds ``row_text``; None for a title, paraphrase or answer."""
+        return self._passage_rows.get(row_text)
+
+    @functools.cached_property
+    def _passage_rows(self) -> dict[str, Passage]:
+        rows = self.texts()[len(self.texts()) - len(self.passages):]
+        return {text: p for (_, text), p in zip(rows, self.passages, strict=True)}
+
+    @property
+    def first_passage_row(self) -> int:
+        """Row index of the first passage (the rows before are title, paraphrases, answer)."""
+        return len(self.texts()) - len(self.passages)
+
+    def with_passage_texts(self, texts: dict[int, str]) -> EntryData:
+        """This entry with its passages' texts from their rows (row index -> row text), as
+        read back from the store."""
+        first = self.first_passage_row
+        out = []
+        for i, p in enumerate(self.passages):
+            text = texts.get(first + i, "")
+            prefix = self.passage_prefix(p)
+            out.append(replace(p, text=text[len(prefix):] if text.startswith(prefix) else text))
+        return replace(self, passages=tuple(out))
+
+    @property
+    def stored_text(self) -> bool:
+        """Whether every passage's text is at hand (False right after from_json)."""
+        return all(p.text for p in self.passages)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        """The entry as stored: no body, and each passage as [heading path number, start,
+        end] with the distinct heading paths listed once ("sections")."""
+        d = asdict(self)
+        del d["body"]
+        sections: dict[tuple[str, ...], int] = {}
+        d["passages"] = [[sections.setdefault(p.headings, len(sections)), p.start, p.end]
+                         for p in self.passages]
+        if sections:
+            d["sections"] = [list(h) for h in sections]
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, doc: str) -> EntryData:
+        """The stored entry; its passages' texts are empty until with_passage_texts."""
         d = json.loads(doc)
         for k in ("questions", "tags"):
             d[k] = tuple(d.get(k, ()))
+        sections = [tuple(h) for h in d.pop("sections", ())]
+        d["passages"] = tuple(Passage(sections[s], "", start, end)
+                              for s, start, end in d.get("passages", ()))
         return cls(**d)
 
 
@@ -138,11 +201,15 @@ def unfit(e: EntryData) -> str | None:
     if (n := len(("|" + "|".join(e.tags) + "|").encode())) > MAX_TAGS_BYTES:
         return (f"its tags ({len(e.tags)}) take {n} bytes together; the limit is "
                 f"{MAX_TAGS_BYTES}: use fewer or shorter tags")
-    for _, t in e.texts():
+    for kind, t in e.texts():
         if len(t.encode()) > MAX_TEXT_BYTES:
-            return (f"it has a text of {len(t.encode())} bytes; each title, paraphrase and "
-                    f"answer may have at most {MAX_TEXT_BYTES}")
+            what = ("passage" if kind == "passage" else
+                    "each title, paraphrase and answer")
+            return (f"it has a {kind} of {len(t.encode())} bytes; {what} may have at most "
+                    f"{MAX_TEXT_BYTES}")
     if (n := len(e.to_json().encode())) > MAX_DOC_BYTES:
         return (f"it is {n} bytes as stored; the limit is {MAX_DOC_BYTES}: shorten its "
-                "answer or paraphrases")
+                "answer or paraphrases, or send a long text as the article body (up to "
+                "SUPPORTQA_MAX_ARTICLE_BYTES)" + (f"; its {len(e.passages)} passages take "
+                "about 20 bytes each" if e.passages else ""))
     return None

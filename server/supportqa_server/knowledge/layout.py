@@ -47,14 +47,14 @@ def images_name(kb: str, prefix: str = PREFIX) -> str:
 
 
 
-def scan(client, collection: str, fields: list[str], batch_size: int = 1000, *, pk: str = "pk"
-         ) -> Iterator[list[dict]]:
-    """Every row of a collection, ``fields`` (which hold its primary key ``pk``) only, in
-    batches of primary keys in order. (pymilvus's query_iterator fails on Milvus Lite 2.5
-    collections with an ARRAY field; its paging by primary key is done here.)"""
+def scan(client, collection: str, fields: list[str], batch_size: int = 1000, *, pk: str = "pk",
+         where: str = "version >= 0") -> Iterator[list[dict]]:
+    """Every row of a collection (that matches ``where``), ``fields`` (which hold its primary
+    key ``pk``) only, in batches of primary keys in order. (pymilvus's query_iterator fails on
+    Milvus Lite 2.5 collections with an ARRAY field; its paging by primary key is done here.)"""
     last = None
     while True:
-        expr = "version >= 0" if last is None else f'version >= 0 and {pk} > "{last}"'
+        expr = where if last is None else f'{where} and {pk} > "{last}"'
         batch = sorted(query(client, collection, filter=expr, output_fields=fields,
                              limit=batch_size, consistency_level="Strong"),
                        key=lambda r: r[pk])
@@ -282,6 +282,21 @@ def stored_versions(client, kb: str, keys: Sequence[str]) -> dict[str, int]:
                                    output_fields=["key", "version"],
                                    consistency_level="Strong"):
             out[r["key"]] = int(r["version"])
+    return out
+
+
+def passage_texts(client, kb: str, versions: dict[str, int]) -> dict[str, dict[int, str]]:
+    """entry key -> {row index: text} of the passage rows of entry key -> version pairs."""
+    out: dict[str, dict[int, str]] = {}
+    keys = sorted(versions)
+    for i in range(0, len(keys), INSERT_BATCH):
+        chunk = ", ".join(map(literal, keys[i : i + INSERT_BATCH]))
+        for batch in scan(client, rows_name(kb), ["pk", "text"],
+                          where=f'kind == "passage" and entry_key in [{chunk}]'):
+            for r in batch:
+                key, version, index = r["pk"].split(".")
+                if versions.get(key) == int(version):
+                    out.setdefault(key, {})[int(index)] = r["text"]
     return out
 
 

@@ -51,6 +51,7 @@ from supportqa_server.knowledge.layout import (
     images_name,
     is_server,
     move_legacy,
+    passage_texts,
     rows_name,
     scan,
     server_has_bm25,
@@ -191,6 +192,21 @@ class KnowledgeStore(SearchMixin):
             for r in batch:
                 e = EntryData.from_json(r["doc"])
                 committed[e.id] = (int(r["version"]), e)
+        # Passage texts live in their rows: kept from memory where the version is the same,
+        # else read back.
+        unread: dict[str, int] = {}
+        for entry_id, (version, e) in committed.items():
+            if e.passages:
+                known = state.committed.get(entry_id)
+                if known is not None and known[0] == version and known[1].stored_text:
+                    committed[entry_id] = known
+                else:
+                    unread[key_of(entry_id)] = version
+        if unread:
+            texts = passage_texts(self.client, state.name, unread)
+            for entry_id, (version, e) in committed.items():
+                if (key := key_of(entry_id)) in unread:
+                    committed[entry_id] = (version, e.with_passage_texts(texts.get(key, {})))
         with state.lock:
             state.revision += 1
             state.committed = committed
@@ -398,6 +414,9 @@ class KnowledgeStore(SearchMixin):
         if found is None:
             raise NotFound(f"entry {entry_id!r} is not in knowledge base {kb!r}")
         return found[1]
+
+    def ids(self, kb: str) -> list[str]:
+        return sorted(self._kb(kb).committed)
 
     def entry(self, kb: str, entry_id: str) -> EntryData | None:
         found = self._kbs[kb].committed.get(entry_id) if kb in self._kbs else None

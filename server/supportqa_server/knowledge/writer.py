@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from supportqa_server.errors import InvalidInput, TooLarge
+from supportqa_server.knowledge.articles import ArticleError, guess_format, parse_article
 from supportqa_server.knowledge.entries import EntryData, short_id, unfit
 from supportqa_server.runtime.settings import KB_NAME_PATTERN
 
@@ -25,6 +26,53 @@ def check_kb_name(name: str, where: str = "") -> None:
         )
 
 
+@dataclass(frozen=True)
+class Splitting:
+    """How texts become passages: the text model's word-piece counter, the most word pieces
+    a passage may hold, and the largest article body accepted (bytes of UTF-8)."""
+
+    count_tokens: object  # Callable[[str], int]
+    budget: int
+    max_body_bytes: int
+
+
+def with_passages(index: int, e: EntryData, splitting: Splitting) -> EntryData:
+    """The entry with its passages: an article's body split along its headings, or an answer
+    longer than a passage split at paragraphs and sentences (so no part of it is cut off by
+    the text model). Title, url, tags and locale come from a Markdown article's front matter
+    where the entry has none. Other entries are returned as they are.
+
+    Raises:
+        InvalidInput: the body is too large or cannot be parsed.
+    """
+    where = f"entry #{index}" + (f" (id {short_id(e.id)})" if e.id else "")
+    if e.passages:
+        return e  # split already (a file is checked whole before it is written)
+    if e.body:
+        if (n := len(e.body.encode("utf-8", "surrogatepass"))) > splitting.max_body_bytes:
+            raise InvalidInput(f"{where}: its body is {n} bytes; articles may have at most "
+                               f"{splitting.max_body_bytes} (SUPPORTQA_MAX_ARTICLE_BYTES)")
+        fmt = e.body_format or guess_format("", e.body)
+        try:
+            article = parse_article(e.body, fmt, count_tokens=splitting.count_tokens,
+                                    budget=splitting.budget, title=e.title)
+        except ArticleError as err:
+            raise InvalidInput(f"{where}: {err}") from err
+        meta = article.meta
+        tags = meta.get("tags")
+        return replace(
+            e, body="", body_format=fmt, title=article.title, passages=article.passages,
+            url=e.url or str(meta.get("url") or ""), locale=e.locale or str(
+                meta.get("locale") or ""),
+            tags=e.tags or (tuple(str(t) for t in tags) if isinstance(tags, list) else ()),
+        )
+    if e.answer.strip() and splitting.count_tokens(e.answer) > splitting.budget:
+        article = parse_article(e.answer, "text", count_tokens=splitting.count_tokens,
+                                budget=splitting.budget, title=e.title)
+        return replace(e, passages=article.passages)
+    return e
+
+
 def validate_entry(index: int, e: EntryData, knowledge_base: str) -> None:
     """Raises InvalidInput naming the entry (its place in the stream) when it cannot be
     written."""
@@ -32,8 +80,9 @@ def validate_entry(index: int, e: EntryData, knowledge_base: str) -> None:
     check_kb_name(knowledge_base, f"{where}: ")
     if not e.id.strip():
         raise InvalidInput(f"{where} has no id: give every entry a stable unique id")
-    if not e.answer.strip():
-        raise InvalidInput(f"{where} has no answer: every entry needs the answer text")
+    if not e.answer.strip() and not e.passages:
+        raise InvalidInput(f"{where} has no answer: every entry needs the answer text, or an "
+                           "article body")
     if len(e.questions) > MAX_QUESTIONS:
         raise InvalidInput(
             f"{where} has {len(e.questions)} paraphrases; the limit is {MAX_QUESTIONS}"
@@ -98,6 +147,7 @@ class EntryWriter:
         index = self.report.received
         self.report.received += 1
         try:
+            entry = await self.pipeline.with_passages(index, entry)
             validate_entry(index, entry, knowledge_base)
         except (InvalidInput, TooLarge) as e:
             if not self.dry_run:
@@ -141,8 +191,9 @@ class FileEntry:
     images: tuple = ()
 
 
-def check_file(path: Path, entries: Sequence[FileEntry]) -> None:
-    """Validates every entry of a file before anything is written.
+async def check_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> list[FileEntry]:
+    """Validates every entry of a file before anything is written; returns them with their
+    passages.
 
     Raises:
         InvalidInput: naming up to MAX_REPORTED problems as "FILE:LINE: what is wrong",
@@ -151,11 +202,14 @@ def check_file(path: Path, entries: Sequence[FileEntry]) -> None:
     from supportqa.knowledge_file import repeated_ids
 
     problems: list[str] = []
+    split = []
     for i, fe in enumerate(entries):
         try:
+            fe = replace(fe, entry=await pipeline.with_passages(i, fe.entry))
             validate_entry(i, fe.entry, fe.knowledge_base)
         except (InvalidInput, TooLarge) as e:
             problems.append(f"{path}:{fe.line}: {e}")
+        split.append(fe)
     problems += repeated_ids(path, ((fe.line, fe.knowledge_base, fe.entry.id) for fe in entries))
     if problems:
         more = len(problems) - MAX_REPORTED
@@ -163,12 +217,13 @@ def check_file(path: Path, entries: Sequence[FileEntry]) -> None:
             f"{path}: {len(problems)} invalid line(s), nothing written:\n"
             + "\n".join(problems[:MAX_REPORTED]) + (f"\n... and {more} more" if more > 0 else "")
         )
+    return split
 
 
 async def write_file(pipeline, path: Path, entries: Sequence[FileEntry]) -> WriteReport:
     """Checks a whole file, then writes it through one EntryWriter: all or nothing as far as
     validation goes (a store failure mid-way keeps what was written before it)."""
-    check_file(path, entries)
+    entries = await check_file(pipeline, path, entries)
     writer = EntryWriter(pipeline)
     for fe in entries:
         await writer.add(fe.knowledge_base, fe.entry, fe.images)

@@ -65,6 +65,10 @@ class TextEncoder:
         self._torch = torch
         self.dim: int = int(self._model.config.hidden_size)
 
+    def count_tokens(self, text: str) -> int:
+        """Word pieces of a text, special tokens left out (what a passage's budget counts)."""
+        return len(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embeds texts.
 

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     ocr: bool = True
     """Read text in images with rapidocr."""
 
+    # Articles
+    passage_tokens: int = 200
+    """Most word pieces of one passage of an article or of a long answer, before its title
+    and headings: the bundled MiniLM reads 256, and the heading path takes the rest."""
+    max_article_bytes: int = 4 * 1024 * 1024
+    """Largest article body (UTF-8) one entry may carry; it is split into passages."""
+
     # Limits on what a question may carry
     max_text_chars: int = 2000
     """Characters of question text."""

@@ -45,3 +45,25 @@ def test_a_deleted_entry_gives_way_to_the_next_best_guess(pipeline):
     assert [a.entry.id for a in out] == ["b"]
     out = pipeline._answers(AskRequest(text="q"), ranked(("gone", 0.90)), 0.44)
     assert isinstance(out[0], NoAnswer) and out[0].reason.endswith("nothing matched")
+
+
+def test_an_article_answers_with_the_passage_that_matched(tmp_path):
+    from supportqa_server.knowledge.articles import Passage
+
+    p = Pipeline(Settings(data_dir=tmp_path, speech_model="", ocr=False, clip_model=""))
+    article = EntryData(id="refunds.md", answer="", title="Refunds", passages=(
+        Passage(("Cards",), "Card refunds take five days. Banks may add two.", 10, 60),
+        Passage(("Cash",), "Cash is refunded at the till. Bring the receipt.", 70, 120),
+    ))
+    p.store = SimpleNamespace(entry=lambda kb, entry_id: article)
+    row = article.texts()[2][1]  # the second passage's row: "Refunds > Cash\n..."
+    assert row.startswith("Refunds > Cash\n")
+    out = p._answers(AskRequest(text="q"), [RankedEntry("refunds.md", 0.8, 1.0, set(), row)],
+                     0.44, "do I have to bring my receipt")
+    (a,) = out
+    assert a.passage.headings == ("Cash",) and (a.passage.start, a.passage.end) == (70, 120)
+    assert a.short_answer == "Bring the receipt."
+    # Matched on its title row: the article's first passage stands in.
+    out = p._answers(AskRequest(text="q"), [RankedEntry("refunds.md", 0.8, 1.0, set(),
+                                                        "Refunds")], 0.44, "refunds")
+    assert out[0].passage.headings == ("Cards",)

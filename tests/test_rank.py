@@ -138,3 +138,40 @@ def test_check_names_the_bad_option(bad):
 def test_default_options_pass_their_own_check():
     options().check()
     assert math.isfinite(options().rrf_k)
+
+
+def test_an_article_counts_by_its_best_passage_not_the_mean_of_many():
+    # A long article: one passage on the question, many that are not; and a short entry
+    # whose three rows are all fairly close.
+    dense = [RowHit("manual", "passage", "reset", 0.80)]
+    dense += [RowHit("manual", "passage", f"other {i}", 0.10) for i in range(20)]
+    dense += [RowHit("faq", "question", f"q{i}", 0.70) for i in range(3)]
+    ranked = rank(dense, [], options(aggregation="mean_top", top_rows=3,
+                                     confidence="mean_top"))
+    assert [r.entry_id for r in ranked] == ["manual", "faq"]
+    assert ranked[0].score == pytest.approx(0.80)  # its confidence is the passage's cosine
+    assert ranked[0].matched_text == "reset"
+
+
+def test_only_the_best_excerpt_of_an_answer_counts():
+    # A long answer's excerpts are one row in the mean: many close excerpts must not outvote
+    # an entry whose title, paraphrase and answer all match a little better.
+    dense = [RowHit("long", "excerpt", f"x{i}", 0.75 - i * 0.001) for i in range(6)]
+    dense += [RowHit("long", "answer", "whole", 0.40), RowHit("long", "title", "t", 0.30)]
+    dense += [RowHit("faq", "question", "q", 0.70), RowHit("faq", "title", "t2", 0.66),
+              RowHit("faq", "answer", "a", 0.62)]
+    ranked = rank(dense, [], options(aggregation="mean_top", top_rows=3,
+                                     confidence="mean_top"))
+    assert [r.entry_id for r in ranked] == ["faq", "long"]
+    assert ranked[1].score == pytest.approx((0.75 + 0.40 + 0.30) / 3)
+
+
+def test_a_long_answer_is_searched_in_excerpts_too():
+    from supportqa_server.knowledge.entries import EntryData, excerpts
+
+    short = "One. Two. Three."
+    assert excerpts(short) == []
+    answer = "A one. B two? C three! D four. E five."
+    assert excerpts(answer) == ["A one. B two? C three!", "D four. E five."]
+    kinds = [k for k, _ in EntryData(id="e", title="T", answer=answer).texts()]
+    assert kinds == ["title", "answer", "excerpt", "excerpt"]

@@ -56,6 +56,10 @@ async def test_every_readme_client_command_runs(readme_server, tmp_path, monkeyp
     (tmp_path / "knowledge").mkdir()
     (tmp_path / "knowledge" / "sample.jsonl").write_bytes(
         (ROOT / "knowledge" / "sample.jsonl").read_bytes())
+    (tmp_path / "help-centre").mkdir()
+    (tmp_path / "help-centre" / "returns.md").write_text(
+        "# Returns\n\n## Sending an order back\n\nPack it and print the label from your "
+        "account; returns are free within 30 days.\n")
     (tmp_path / "question.wav").write_bytes(synthesize_speech("someone stole my card"))
     Image.open(io.BytesIO(render_screenshot("Error 402: your card was declined", seed=1))).save(
         tmp_path / "screenshot.png")

@@ -365,7 +365,7 @@ class Pipeline:
         return sorted(best.values(), key=lambda r: -r.fused)
 
     def _answers(
-        self, req: AskRequest, ranked: list[RankedEntry], threshold: float, question: str
+        self, req: AskRequest, ranked: list[RankedEntry], threshold: float, question: str = ""
     ) -> list[Answer | NoAnswer]:
         assert self.store is not None
         out: list[Answer | NoAnswer] = []

@@ -13,6 +13,7 @@ from supportqa_server.knowledge.entries import RowHit
 
 DENSE, LEXICAL, READ, SEE = "dense", "lexical", "read", "see"
 PASSAGE = "passage"  # the row kind of an article's (or a long answer's) passages
+EXCERPT = "excerpt"  # the row kind of a long answer's excerpts
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,16 @@ class RankedEntry:
 
 def _by_entry(hits: Sequence[RowHit]) -> dict[str, list[float]]:
     """Each entry's dense cosines, best first (hits come best first from the store), its
-    passages left out (_best_passage)."""
+    passages left out (_best_passage) and of its answer's excerpts only the best: one
+    excerpt stands for the part of the answer asked about; several would outvote the
+    title and paraphrases (knowledge/entries.py, EXCERPT_SENTENCES)."""
     by_entry: dict[str, list[float]] = defaultdict(list)
+    excerpted: set[str] = set()
     for h in hits:
+        if h.kind == EXCERPT:
+            if h.entry_id in excerpted:
+                continue
+            excerpted.add(h.entry_id)
         if h.kind != PASSAGE:
             by_entry[h.entry_id].append(h.score)
     for s in by_entry.values():

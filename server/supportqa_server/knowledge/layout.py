@@ -300,6 +300,20 @@ def passage_texts(client, kb: str, versions: dict[str, int]) -> dict[str, dict[i
     return out
 
 
+def drop_dead_rows(client, collection: str, committed_row, cutoff_ns: int) -> None:
+    """Deletes rows whose version is not their entry's committed one (``committed_row(pk)``
+    is None) and that were written before ``cutoff_ns``: a write that died. Younger ones may
+    be another replica's write in flight."""
+    dead: list[str] = []
+    for batch in scan(client, collection, ["pk", "version"]):
+        dead += [r["pk"] for r in batch
+                 if r["version"] < cutoff_ns and committed_row(r["pk"]) is None]
+    if dead:
+        log.warning("%s: removing %d rows of unfinished writes", collection, len(dead))
+    for i in range(0, len(dead), INSERT_BATCH):
+        client.delete(collection, ids=dead[i : i + INSERT_BATCH])
+
+
 def delete_rows(client, kb: str, versions: dict[str, int], *, keep: int = -1,
                 images: bool) -> None:
     """Deletes the rows of entry key -> version pairs (never of version ``keep``)."""

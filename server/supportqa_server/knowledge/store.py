@@ -47,6 +47,7 @@ from supportqa_server.knowledge.layout import (
     create_collections,
     create_images,
     create_meta,
+    drop_dead_rows,
     entries_name,
     images_name,
     is_server,
@@ -181,7 +182,8 @@ class KnowledgeStore(SearchMixin):
         self._read_entries(state)
         for collection in (rows_name(kb), images_name(kb) if self.image_dim else None):
             if collection and drop_dead:
-                self._drop_dead_rows(collection, state)
+                drop_dead_rows(self.client, collection, state.committed_row,
+                               time.time_ns() - int(DEAD_ROW_AGE_S * 1e9))
         self._kbs[kb] = state
 
     def _read_entries(self, state: KBState) -> None:
@@ -212,21 +214,6 @@ class KnowledgeStore(SearchMixin):
             state.committed = committed
             state.ids = {key_of(i): i for i in committed}
             state.revision += 1
-
-    def _drop_dead_rows(self, collection: str, state: KBState) -> None:
-        """Deletes rows whose version is not their entry's committed one and that are older
-        than DEAD_ROW_AGE_S: a write that died. Younger ones may be another replica's write
-        in flight."""
-        c = self.client
-        dead: list[str] = []
-        cutoff = time.time_ns() - int(DEAD_ROW_AGE_S * 1e9)
-        for batch in scan(self.client, collection, ["pk", "version"]):
-            dead += [r["pk"] for r in batch
-                     if r["version"] < cutoff and state.committed_row(r["pk"]) is None]
-        if dead:
-            log.warning("%s: removing %d rows of unfinished writes", collection, len(dead))
-        for i in range(0, len(dead), INSERT_BATCH):
-            c.delete(collection, ids=dead[i : i + INSERT_BATCH])
 
     def _kb(self, kb: str, *, create: bool = False, vectors: str = "") -> KBState:
         """A knowledge base's state. ``vectors`` ("text" or "image"): the caller writes or

@@ -289,3 +289,24 @@ def test_passages_are_frozen() -> None:
     assert passage == Passage((), "Some text.", 0, 10)
     with pytest.raises(AttributeError):
         passage.text = "changed"  # type: ignore[misc]
+
+
+def test_an_article_entry_is_stored_compactly_and_read_back_from_its_rows() -> None:
+    from supportqa_server.knowledge.entries import MAX_DOC_BYTES, EntryData
+
+    body = "# Manual\n\n" + "".join(
+        f"## Part {i}\n\n### Step {i} > sub\n\n" + "Press the button and wait. " * 30 + "\n\n"
+        for i in range(1500))
+    assert len(body) > 1_000_000
+    article = parse(body, budget=200)
+    entry = EntryData(id="manual.md", answer="", title=article.title, passages=article.passages)
+    doc = entry.to_json()
+    assert len(doc.encode()) < MAX_DOC_BYTES and len(article.passages) >= 1500
+    stored = EntryData.from_json(doc)
+    assert [(p.start, p.end) for p in stored.passages] == [
+        (p.start, p.end) for p in article.passages]
+    assert not stored.stored_text
+    rows = dict(enumerate(t for _, t in entry.texts()))  # what the rows hold
+    back = stored.with_passage_texts(rows)
+    assert back.passages == entry.passages  # headings (one with " > " in it) and texts
+    assert back.texts() == entry.texts()

@@ -146,6 +146,17 @@ async def test_articles_ingest_and_answer_with_the_passage(articles, tmp_path):
                 await c.upsert([pb.Entry(id="empty", body="# Only a heading\n")])
             assert "INVALID_ARGUMENT" in str(bad.value) and "no text" in str(bad.value)
 
+        # A changed article replaces all its passages: the old text is gone, rows not doubled.
+        async with AsyncSupportClient(target, timeout=60) as c:
+            rows_before = (await c.stats("default")).knowledge_bases[0].rows
+        (articles / "billing.md").write_text(BILLING.replace("five to seven", "three"))
+        done = await ingest(target, articles)
+        assert done.returncode == 0, done.stderr
+        async with AsyncSupportClient(target, timeout=60) as c:
+            top = (await c.ask("how many days until my refund shows up", top_k=1)).answers[0]
+            assert "within three working days" in top.passage.text
+            assert (await c.stats("default")).knowledge_bases[0].rows == rows_before
+
         # --prune: a file gone from the folder is deleted; other entries stay.
         (articles / "shipping.html").unlink()
         done = await ingest(target, articles, "--prune")
@@ -160,7 +171,7 @@ async def test_articles_ingest_and_answer_with_the_passage(articles, tmp_path):
             reply = await c.ask("how many days until my refund shows up", top_k=1)
             top = reply.answers[0]
             assert top.entry_id == "billing.md"
-            assert "five to seven working days" in top.passage.text
+            assert "within three working days" in top.passage.text
             assert list(top.passage.headings) == ["Refunds", "How long a refund takes"]
             got = await c.get("guides/manual.md")
             assert got.title == "Product manual" and not got.body  # the body is not kept

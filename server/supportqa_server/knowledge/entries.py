@@ -119,7 +119,7 @@ class EntryData:
 
     @functools.cached_property
     def _passage_rows(self) -> dict[str, Passage]:
-        rows = self.texts()[len(self.texts()) - len(self.passages):]
+        rows = self.texts()[self.first_passage_row:]
         return {text: p for (_, text), p in zip(rows, self.passages, strict=True)}
 
     @property
@@ -127,15 +127,19 @@ class EntryData:
         """Row index of the first passage (the rows before are title, paraphrases, answer)."""
         return len(self.texts()) - len(self.passages)
 
-    def with_passage_texts(self, texts: dict[int, str]) -> EntryData:
-        """This entry with its passages' texts from their rows (row index -> row text), as
-        read back from the store."""
-        first = self.first_passage_row
+    def with_passage_texts(self, rows: dict[int, str]) -> EntryData:
+        """This entry with its passages' headings and texts read back from their rows (row
+        index -> row text): the stored JSON keeps only how many headings each has."""
+        first, title = self.first_passage_row, self.title.strip()
         out = []
         for i, p in enumerate(self.passages):
-            text = texts.get(first + i, "")
-            prefix = self.passage_prefix(p)
-            out.append(replace(p, text=text[len(prefix):] if text.startswith(prefix) else text))
+            row, n = rows.get(first + i, ""), len(p.headings)
+            headings: tuple[str, ...] = ()
+            if title or n:  # the row starts with its path line: passage_prefix
+                path, _, row = row.partition("\n")
+                path = path.removeprefix(title).removeprefix(" > ") if title else path
+                headings = tuple(path.split(" > ", n - 1)) if n else ()
+            out.append(replace(p, headings=headings, text=row))
         return replace(self, passages=tuple(out))
 
     @property
@@ -144,26 +148,29 @@ class EntryData:
         return all(p.text for p in self.passages)
 
     def to_json(self) -> str:
-        """The entry as stored: no body, and each passage as [heading path number, start,
-        end] with the distinct heading paths listed once ("sections")."""
+        """The entry as stored: no body, and each passage as [headings, start - the previous
+        passage's end, length] (its heading path and text are in its row): ~10 bytes a
+        passage, so a 2 MB article's ~3,000 passages fit the entry's 64 KB."""
         d = asdict(self)
         del d["body"]
-        sections: dict[tuple[str, ...], int] = {}
-        d["passages"] = [[sections.setdefault(p.headings, len(sections)), p.start, p.end]
-                         for p in self.passages]
-        if sections:
-            d["sections"] = [list(h) for h in sections]
+        d["passages"], end = [], 0
+        for p in self.passages:
+            d["passages"].append([len(p.headings), p.start - end, p.end - p.start])
+            end = p.end
         return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, doc: str) -> EntryData:
-        """The stored entry; its passages' texts are empty until with_passage_texts."""
+        """The stored entry; its passages' headings and texts are placeholders until
+        with_passage_texts."""
         d = json.loads(doc)
         for k in ("questions", "tags"):
             d[k] = tuple(d.get(k, ()))
-        sections = [tuple(h) for h in d.pop("sections", ())]
-        d["passages"] = tuple(Passage(sections[s], "", start, end)
-                              for s, start, end in d.get("passages", ()))
+        passages, end = [], 0
+        for n, gap, length in d.get("passages", ()):
+            passages.append(Passage(("",) * n, "", end + gap, end + gap + length))
+            end += gap + length
+        d["passages"] = tuple(passages)
         return cls(**d)
 
 
@@ -172,7 +179,7 @@ class RowHit:
     """One matching text of an entry."""
 
     entry_id: str
-    kind: str  # title | question | answer
+    kind: str  # title | question | answer | excerpt | passage
     text: str
     score: float  # cosine similarity for dense hits, BM25 score for lexical hits
 
@@ -229,5 +236,5 @@ def unfit(e: EntryData) -> str | None:
         return (f"it is {n} bytes as stored; the limit is {MAX_DOC_BYTES}: shorten its "
                 "answer or paraphrases, or send a long text as the article body (up to "
                 "SUPPORTQA_MAX_ARTICLE_BYTES)" + (f"; its {len(e.passages)} passages take "
-                "about 20 bytes each" if e.passages else ""))
+                "about 10 bytes each: split the article" if e.passages else ""))
     return None

@@ -61,7 +61,8 @@ def with_passages(index: int, e: EntryData, splitting: Splitting) -> EntryData:
         meta = article.meta
         tags = meta.get("tags")
         return replace(
-            e, body="", body_format=fmt, title=article.title, passages=article.passages,
+            e, body="", body_format=fmt, title=" ".join(article.title.split()),
+            passages=_clean(article.passages),
             url=e.url or str(meta.get("url") or ""), locale=e.locale or str(
                 meta.get("locale") or ""),
             tags=e.tags or (tuple(str(t) for t in tags) if isinstance(tags, list) else ()),
@@ -69,8 +70,15 @@ def with_passages(index: int, e: EntryData, splitting: Splitting) -> EntryData:
     if e.answer.strip() and splitting.count_tokens(e.answer) > splitting.budget:
         article = parse_article(e.answer, "text", count_tokens=splitting.count_tokens,
                                 budget=splitting.budget, title=e.title)
-        return replace(e, passages=article.passages)
+        return replace(e, title=" ".join(e.title.split()), passages=_clean(article.passages))
     return e
+
+
+def _clean(passages) -> tuple:
+    """Passages whose heading paths hold no empty heading: a row's first line is its path
+    ("Title > Heading"), read back on load (EntryData.with_passage_texts)."""
+    return tuple(replace(p, headings=tuple(h for h in p.headings if h.strip()))
+                 for p in passages)
 
 
 def validate_entry(index: int, e: EntryData, knowledge_base: str) -> None:

@@ -101,8 +101,9 @@ class Settings(BaseSettings):
     passage_tokens: int = 200
     """Most word pieces of one passage of an article or of a long answer, before its title
     and headings: the bundled MiniLM reads 256, and the heading path takes the rest."""
-    max_article_bytes: int = 4 * 1024 * 1024
-    """Largest article body (UTF-8) one entry may carry; it is split into passages."""
+    max_article_bytes: int = 2 * 1024 * 1024
+    """Largest article body (UTF-8) one entry may carry; it is split into passages (~3,000
+    for 2 MB of prose, whose offsets fill most of an entry's 64 KB record)."""
 
     # Limits on what a question may carry
     max_text_chars: int = 2000

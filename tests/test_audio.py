@@ -208,8 +208,11 @@ def test_speech_end_at_other_rates():
     assert speech_end(y, sr=8000, silence_ms=700)
 
 
-def test_pcm16_samples_accepts_what_is_still_arriving():
-    from supportqa_server.speech.audio import pcm16_samples
+def test_raw_samples_accept_what_is_still_arriving():
+    from supportqa_server.speech.audio import raw_samples
+
+    def pcm16_samples(data, rate, channels=0):
+        return raw_samples(data, "pcm16", rate, channels)
 
     assert pcm16_samples(b"", 16000).size == 0
     silent = np.zeros(800, dtype="<i2").tobytes()  # 50 ms of silence: too short for decode_audio
@@ -218,3 +221,28 @@ def test_pcm16_samples_accepts_what_is_still_arriving():
     check_tone(pcm16_samples(pcm + b"\x01", 48000), tolerance=0.001)  # partial frame dropped
     with pytest.raises(InvalidInput, match="channels 1 or 2"):
         pcm16_samples(pcm, 48000, 3)
+
+
+@pytest.mark.parametrize("fmt", ["mulaw", "alaw"])
+def test_g711_decodes_as_the_standard_library_does(fmt):
+    """mu-law and A-law against CPython's own G.711 codec (audioop, deprecated but present
+    in 3.11): every one of the 256 codes, and a 440 Hz tone at 8 kHz end to end."""
+    import warnings
+
+    from supportqa_server.speech.audio import decode_audio, raw_samples
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        audioop = pytest.importorskip("audioop")
+    to_lin = audioop.ulaw2lin if fmt == "mulaw" else audioop.alaw2lin
+    to_code = audioop.lin2ulaw if fmt == "mulaw" else audioop.lin2alaw
+    codes = bytes(range(256))
+    want = np.frombuffer(to_lin(codes, 2), dtype="<i2") / 32768.0
+    got = raw_samples(codes, fmt, 16000)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    t = np.arange(int(SECONDS * 8000)) / 8000
+    pcm = (0.3 * np.sin(2 * np.pi * TONE_HZ * t) * 32767).astype("<i2").tobytes()
+    heard = decode_audio(to_code(pcm, 2), fmt, 8000, 1)  # resampled to 16 kHz
+    check_tone(heard)  # G.711 keeps ~38 dB SNR: the tone's pitch and level survive
+    with pytest.raises(InvalidInput, match="8000 on a phone line"):
+        decode_audio(to_code(pcm, 2), fmt, 0, 1)

@@ -41,9 +41,11 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
                         language=args.language)
     if args.audio:
         fmt = audio_format_of(args.audio)
-        # Raw PCM needs its sample rate, which the CLI does not take: send containers only.
+        # Raw samples (PCM16, G.711) need their rate, which the CLI does not take: send
+        # containers only.
+        raw = {AUDIO_FORMATS[f] for f in ("pcm16", "mulaw", "alaw")}
         kwargs.update(audio=Path(args.audio).read_bytes(),
-                      audio_format="" if AUDIO_FORMATS[fmt] == AUDIO_FORMATS["pcm16"] else fmt)
+                      audio_format="" if AUDIO_FORMATS[fmt] in raw else fmt)
     if args.image:
         kwargs.update(image=Path(args.image).read_bytes(),
                       image_mime=mimetypes.guess_type(args.image)[0] or "")

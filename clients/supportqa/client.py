@@ -25,6 +25,8 @@ AUDIO_FORMATS = {
     "": pb.AUDIO_FORMAT_UNSPECIFIED, "wav": pb.AUDIO_FORMAT_WAV, "flac": pb.AUDIO_FORMAT_FLAC,
     "ogg": pb.AUDIO_FORMAT_OGG, "opus": pb.AUDIO_FORMAT_OGG, "mp3": pb.AUDIO_FORMAT_MP3,
     "pcm16": pb.AUDIO_FORMAT_PCM16, "pcm": pb.AUDIO_FORMAT_PCM16, "raw": pb.AUDIO_FORMAT_PCM16,
+    "mulaw": pb.AUDIO_FORMAT_MULAW, "ulaw": pb.AUDIO_FORMAT_MULAW, "pcmu": pb.AUDIO_FORMAT_MULAW,
+    "alaw": pb.AUDIO_FORMAT_ALAW, "pcma": pb.AUDIO_FORMAT_ALAW,
 }
 
 

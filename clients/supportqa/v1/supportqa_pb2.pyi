@@ -18,6 +18,8 @@ class AudioFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_FORMAT_OGG: _ClassVar[AudioFormat]
     AUDIO_FORMAT_MP3: _ClassVar[AudioFormat]
     AUDIO_FORMAT_PCM16: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_MULAW: _ClassVar[AudioFormat]
+    AUDIO_FORMAT_ALAW: _ClassVar[AudioFormat]
 
 class Route(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +41,8 @@ AUDIO_FORMAT_FLAC: AudioFormat
 AUDIO_FORMAT_OGG: AudioFormat
 AUDIO_FORMAT_MP3: AudioFormat
 AUDIO_FORMAT_PCM16: AudioFormat
+AUDIO_FORMAT_MULAW: AudioFormat
+AUDIO_FORMAT_ALAW: AudioFormat
 ROUTE_UNSPECIFIED: Route
 ROUTE_DENSE: Route
 ROUTE_LEXICAL: Route

@@ -24,6 +24,7 @@ from supportqa_server.answering.types import (
     Transcript,
 )
 from supportqa_server.errors import Cancelled, InvalidInput, Overloaded, TooLarge
+from supportqa_server.speech.audio import RAW_BYTES
 
 
 async def converse(
@@ -50,18 +51,18 @@ async def converse(
         raise InvalidInput("the first Converse message must be a ConverseConfig")
     if first.request.text or first.request.audio or first.request.image:
         raise InvalidInput("ConverseConfig.question must not carry text, audio or image")
-    if first.format == "pcm16" and not 8000 <= first.sample_rate_hz <= 48000:
+    if first.format in RAW_BYTES and not 8000 <= first.sample_rate_hz <= 48000:
         raise InvalidInput(
-            f"ConverseConfig.sample_rate_hz is {first.sample_rate_hz}; PCM16 chunks need "
-            "8000..48000"
+            f"ConverseConfig.sample_rate_hz is {first.sample_rate_hz}; {first.format.upper()} "
+            "chunks need 8000..48000 (8000 on a phone line)"
         )
     req = replace(p.check(first.request, audio_expected=True), timeout=timeout)
     s = p.settings
     # The most one utterance may buffer: max_audio_seconds of PCM16, and for every format
     # the per-stream budget.
     max_bytes = s.max_stream_audio_bytes
-    if first.format == "pcm16":
-        per_s = 2 * (first.channels or 1) * first.sample_rate_hz  # bytes per second
+    if first.format in RAW_BYTES:
+        per_s = RAW_BYTES[first.format] * (first.channels or 1) * first.sample_rate_hz  # B/s
         max_bytes = min(max_bytes, int(per_s * s.max_audio_seconds))
     timings = Timings()
     yield Accepted(uuid.uuid4().hex)
@@ -85,7 +86,8 @@ def _decode_buffer(p, data: bytes, first: ConverseStart) -> np.ndarray:
     from supportqa_server.speech.audio import decode_audio
 
     channels = first.channels or 1
-    usable = len(data) - len(data) % (2 * channels) if first.format == "pcm16" else len(data)
+    frame = RAW_BYTES.get(first.format, 1) * channels
+    usable = len(data) - len(data) % frame
     return decode_audio(data[:usable], first.format, first.sample_rate_hz, channels,
                         max_seconds=p.settings.max_audio_seconds)
 
@@ -93,12 +95,12 @@ async def _receive_utterance(p, receive, first: ConverseStart, req: AskRequest,
                              buf: bytearray, max_bytes: int) -> AsyncIterator[Event]:
     """Buffers a Converse stream's audio into ``buf`` until the utterance ends; yields
     partial transcripts. Counts the buffer against the server's audio budget."""
-    from supportqa_server.speech.audio import pcm16_samples, speech_end
+    from supportqa_server.speech.audio import raw_samples, speech_end
 
     s = p.settings
-    pcm = first.format == "pcm16"
+    pcm = first.format in RAW_BYTES
     channels = first.channels or 1
-    bytes_per_s = 2 * channels * first.sample_rate_hz if pcm else 0
+    bytes_per_s = RAW_BYTES[first.format] * channels * first.sample_rate_hz if pcm else 0
     partial: asyncio.Task | None = None
     partial_at = 0  # buffer length at the last partial transcript, bytes
     try:
@@ -129,7 +131,7 @@ async def _receive_utterance(p, receive, first: ConverseStart, req: AskRequest,
             if not pcm:
                 continue
             # The audio so far, unjudged: a silent or very short start is not an error yet.
-            samples = pcm16_samples(bytes(buf), first.sample_rate_hz, channels)
+            samples = raw_samples(bytes(buf), first.format, first.sample_rate_hz, channels)
             if first.end_silence_ms and speech_end(samples, silence_ms=first.end_silence_ms):
                 break
             if partial is None and len(buf) - partial_at >= bytes_per_s * s.partial_seconds:

@@ -15,7 +15,27 @@ SAMPLE_RATE = 16000  # Hz, what Whisper expects
 MIN_RATE, MAX_RATE = 8000, 48000  # Hz, accepted input sample rates
 MIN_SECONDS = 0.1  # shorter utterances hold no word; rejected as empty
 SILENCE_RMS_DBFS = -70.0  # whole-utterance RMS below this is a muted mic (~10 LSB of 16-bit PCM)
-FORMATS = ("", "wav", "flac", "ogg", "mp3", "pcm16")
+FORMATS = ("", "wav", "flac", "ogg", "mp3", "pcm16", "mulaw", "alaw")
+# Raw formats (no header: the caller says the rate and channels) and their bytes per sample.
+RAW_BYTES = {"pcm16": 2, "mulaw": 1, "alaw": 1}
+
+
+def _g711_tables() -> dict[str, np.ndarray]:
+    """G.711 (ITU-T, 1972) code -> linear sample in [-1, 1], for mu-law and A-law: 256
+    entries each, from the standard's segment/mantissa formulas."""
+    codes = np.arange(256, dtype=np.int32)
+    u = ~codes & 0xFF  # mu-law codes are sent inverted
+    exp, mant = (u >> 4) & 0x07, u & 0x0F
+    mu = (((mant << 3) + 0x84) << exp) - 0x84  # 14-bit magnitude, bias 132
+    mu = np.where(u & 0x80, -mu, mu) / 32768.0
+    a = codes ^ 0x55  # A-law codes have their even bits inverted
+    exp, mant = (a >> 4) & 0x07, a & 0x0F
+    mag = np.where(exp == 0, (mant << 4) + 8, ((mant << 4) + 0x108) << np.maximum(exp - 1, 0))
+    alaw = np.where(a & 0x80, mag, -mag) / 32768.0
+    return {"mulaw": mu.astype(np.float32), "alaw": alaw.astype(np.float32)}
+
+
+_G711 = _g711_tables()
 
 FRAME_MS = 20  # energy frames of trailing-silence detection
 NOISE_PERCENTILE = 10  # the quietest 10% of frames estimate the background noise
@@ -49,22 +69,29 @@ def _dbfs(rms: np.ndarray | float) -> np.ndarray:
     return 20.0 * np.log10(np.maximum(rms, 10 ** (_FLOOR_DBFS / 20)))
 
 
-def _decode_pcm16(data: bytes, sample_rate_hz: int, channels: int) -> tuple[np.ndarray, int]:
+def _decode_raw(data: bytes, fmt: str, sample_rate_hz: int, channels: int
+                ) -> tuple[np.ndarray, int]:
+    """Raw samples (RAW_BYTES formats) as float32 (n, channels)."""
+    name = fmt.upper()
     if not MIN_RATE <= sample_rate_hz <= MAX_RATE:
         raise InvalidInput(
-            f"PCM16 audio needs sample_rate_hz between {MIN_RATE} and {MAX_RATE}, "
+            f"{name} audio needs sample_rate_hz between {MIN_RATE} and {MAX_RATE}, "
             f"got {sample_rate_hz}: set it to the rate the samples were recorded at"
+            + (" (8000 on a phone line)" if fmt != "pcm16" else "")
         )
     channels = channels or 1
     if channels not in (1, 2):
-        raise InvalidInput(f"PCM16 audio needs channels 1 or 2 (0 means 1), got {channels}")
-    frame_bytes = 2 * channels
+        raise InvalidInput(f"{name} audio needs channels 1 or 2 (0 means 1), got {channels}")
+    frame_bytes = RAW_BYTES[fmt] * channels
     if len(data) % frame_bytes:
         raise InvalidInput(
-            f"PCM16 audio with {channels} channel(s) must be a multiple of {frame_bytes} "
-            f"bytes, got {len(data)}: send whole little-endian 16-bit sample frames"
+            f"{name} audio with {channels} channel(s) must be a multiple of {frame_bytes} "
+            f"bytes, got {len(data)}: send whole sample frames"
         )
-    samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    if fmt == "pcm16":
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    else:
+        samples = _G711[fmt][np.frombuffer(data, dtype=np.uint8)]
     return samples.reshape(-1, channels), sample_rate_hz
 
 
@@ -131,18 +158,18 @@ def decode_audio(
     if fmt not in FORMATS:
         raise InvalidInput(
             f"audio format {fmt!r} is not supported: use one of wav, flac, ogg, mp3, pcm16, "
-            f"or leave it empty to detect"
+            f"mulaw, alaw, or leave it empty to detect"
         )
     if not data:
         raise InvalidInput("audio is empty: send the recorded bytes")
     sniffed = sniff_format(data)
-    if fmt == "pcm16":
+    if fmt in RAW_BYTES:
         if sniffed in ("wav", "flac", "ogg"):
             raise InvalidInput(
-                f"audio is declared PCM16 but the bytes are a {sniffed.upper()} file: "
+                f"audio is declared {fmt.upper()} but the bytes are a {sniffed.upper()} file: "
                 f"declare {sniffed.upper()} or leave the format unspecified"
             )
-        samples, rate = _decode_pcm16(data, sample_rate_hz, channels)
+        samples, rate = _decode_raw(data, fmt, sample_rate_hz, channels)
     else:
         if not sniffed and fmt:
             raise InvalidInput(
@@ -182,14 +209,16 @@ def decode_audio(
     return np.ascontiguousarray(np.clip(mono, -1.0, 1.0), dtype=np.float32)
 
 
-def pcm16_samples(data: bytes, sample_rate_hz: int, channels: int = 0) -> np.ndarray:
-    """Converts raw PCM16 to 16 kHz mono float32 without judging the content.
+def raw_samples(data: bytes, fmt: str, sample_rate_hz: int, channels: int = 0) -> np.ndarray:
+    """Converts raw samples (PCM16, mu-law, A-law) to 16 kHz mono float32 without judging
+    the content.
 
     For audio still arriving (Converse): unlike decode_audio, an empty, short or silent
     buffer is not an error, so trailing-silence detection can run from the first chunk.
 
     Args:
-        data: little-endian 16-bit interleaved samples; a trailing partial frame is ignored.
+        data: interleaved samples of a RAW_BYTES format; a trailing partial frame is ignored.
+        fmt: "pcm16", "mulaw" or "alaw".
         sample_rate_hz: 8000..48000.
         channels: 1 or 2 (0 means 1).
 
@@ -199,9 +228,9 @@ def pcm16_samples(data: bytes, sample_rate_hz: int, channels: int = 0) -> np.nda
     Raises:
         InvalidInput: sample_rate_hz or channels out of range.
     """
-    frame_bytes = 2 * (channels or 1)
+    frame_bytes = RAW_BYTES[fmt] * (channels or 1)
     whole = data[: len(data) - len(data) % frame_bytes]
-    samples, rate = _decode_pcm16(whole, sample_rate_hz, channels)
+    samples, rate = _decode_raw(whole, fmt, sample_rate_hz, channels)
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if rate != SAMPLE_RATE and mono.size:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")

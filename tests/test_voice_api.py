@@ -249,3 +249,38 @@ async def test_streamed_audio_has_a_budget_per_stream_and_for_all_streams(vclien
     # The held streams were all zeros: not audio, refused when decoded, not for the budget.
     for code, details in await asyncio.gather(*first_two):
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+
+
+async def test_a_phone_line_in_mulaw_at_8khz_is_answered(vclient):
+    """G.711 mu-law at 8 kHz in 20 ms frames, as a telephony gateway streams a call, with a
+    second of line silence (mu-law 0xFF) after the caller: partial transcripts, the end found
+    on silence, the right answer."""
+    import warnings
+
+    import soxr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        audioop = pytest.importorskip("audioop")  # the encoder the gateway stands in for
+    samples, rate = sf.read(io.BytesIO(speak("I have lost my card and I can't find it")),
+                            dtype="float32")
+    phone = soxr.resample(samples, rate, 8000)
+    ulaw = audioop.lin2ulaw((np.clip(phone, -1, 1) * 32767).astype("<i2").tobytes(), 2)
+    ulaw += b"\xff" * 8000  # mu-law's zero is 0xFF
+    frames = [ulaw[i : i + 160] for i in range(0, len(ulaw), 160)]  # 20 ms each
+
+    async def requests():
+        cfg = pb.ConverseConfig(question=pb.Question(), format=pb.AUDIO_FORMAT_MULAW,
+                                sample_rate_hz=8000, end_silence_ms=600)
+        yield pb.ConverseRequest(config=cfg)
+        for frame in frames:
+            yield pb.ConverseRequest(audio_chunk=frame)
+        await asyncio.sleep(60)
+
+    events = [ev async for ev in vclient.converse(requests(), timeout=60)]
+    finals = [e.text for e in events if isinstance(e, pb.Transcript) and e.final]
+    assert len(finals) == 1 and "card" in finals[0].lower(), events
+    answers = [e for e in events if isinstance(e, pb.Answer)]
+    assert answers and answers[0].entry_id == "card-lost", events
+    one_shot = await vclient.ask(audio=ulaw, audio_format="mulaw", sample_rate_hz=8000)
+    assert one_shot.answers[0].entry_id == "card-lost"

@@ -243,7 +243,7 @@ async def test_tag_filters_up_to_the_limit_search_and_more_are_refused(client):
         (dict(locale="en-GB-" + "x" * 40), "locale"),
         (dict(tags=[f"tag{i}" for i in range(1000)]), "1000 tags; the limit is 100"),
         (dict(tags=["t" * 300] * 10), "tags (10) take 3011 bytes"),
-        (dict(questions=["word " * 2000]), "text of 9999 bytes"),  # stripped
+        (dict(questions=["word " * 2000]), "question of 9999 bytes"),  # stripped
     ],
 )
 async def test_entries_that_do_not_fit_the_fields_are_refused_before_writing(

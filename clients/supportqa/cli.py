@@ -81,20 +81,23 @@ def _ingest(args: argparse.Namespace, client: SupportClient) -> int:
         print("error: --prune needs a folder of articles", file=sys.stderr)
         return 2
     try:
-        # (where a problem is reported: FILE:LINE or the article's file, entry)
-        located = ([(str(f), e) for f, e in read_folder(path)] if path.is_dir()
-                   else [(f"{path}:{n}", e) for n, e in read_numbered(path)])
+        if path.is_dir():  # ids are relative paths: unique, so no repeated-id check
+            files = list(read_folder(path))
+            numbered = list(enumerate((e for _, e in files), 1))
+            where = [str(f) for f, _ in files]  # what a problem names
+        else:
+            numbered = list(read_numbered(path))  # (line in the file, entry)
+            where = [f"{path}:{n}" for n, _ in numbered]
     except (OSError, UnicodeDecodeError, KnowledgeFileError) as e:
         print(f"error: {e}; nothing written", file=sys.stderr)
         return 2
-    numbered = [(n, e) for n, (_, e) in enumerate(located, 1)]
     for _, e in numbered:
         if args.knowledge_base and not e.knowledge_base:
             e.knowledge_base = args.knowledge_base
-    problems = (repeated_ids(path, ((n, e.knowledge_base, e.id) for n, e in numbered))
-                if not path.is_dir() else [])
+    problems = ([] if path.is_dir() else
+                repeated_ids(path, ((n, e.knowledge_base, e.id) for n, e in numbered)))
     checked = client.upsert((e for _, e in numbered), timeout=args.timeout, dry_run=True)
-    problems += [f"{located[f.index][0]}: {f.message}" for f in checked.failures]
+    problems += [f"{where[f.index]}: {f.message}" for f in checked.failures]
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"error: {len(problems)} invalid line(s) in {path}; nothing written",

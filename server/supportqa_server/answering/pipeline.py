@@ -434,8 +434,9 @@ class Pipeline:
     async def with_passages(self, index: int, entry: EntryData) -> EntryData:
         """The entry with an article body or a long answer split into passages
         (knowledge/writer.py), on a worker thread: a large article takes a second."""
-        if not entry.body and len(entry.answer) < self.settings.passage_tokens:
-            return entry  # a word piece has at least one character: it fits
+        if entry.passages or (
+                not entry.body and len(entry.answer) < self.settings.passage_tokens):
+            return entry  # split already; or a word piece has a character at least: it fits
         s = self.settings
         splitting = Splitting(self.models.encoder.count_tokens, s.passage_tokens,
                               s.max_article_bytes)

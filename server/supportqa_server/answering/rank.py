@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from supportqa_server.knowledge.entries import RowHit
+from supportqa_server.knowledge.entries import RowHit, split_sentences
 
 DENSE, LEXICAL, READ, SEE = "dense", "lexical", "read", "see"
 PASSAGE = "passage"  # the row kind of an article's (or a long answer's) passages
@@ -86,35 +86,37 @@ class RankedEntry:
     matched_text: str = ""
 
 
-def _by_entry(hits: Sequence[RowHit]) -> dict[str, list[float]]:
-    """Each entry's dense cosines, best first (hits come best first from the store), its
-    passages left out (_best_passage) and of its answer's excerpts only the best: one
-    excerpt stands for the part of the answer asked about; several would outvote the
-    title and paraphrases (knowledge/entries.py, EXCERPT_SENTENCES)."""
+def _by_entry(hits: Sequence[RowHit]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each entry's dense cosines, best first (hits come best first from the store), and
+    apart from them its best passage cosine.
+
+    Passages count by their best alone, never averaged with the others: they say different
+    things, and a mean would rank a long article below a short one for the same passage (a
+    title, paraphrases and an answer say the same thing, and their mean is steadier than
+    their best). Of an answer's excerpts only the best joins the cosines: one excerpt stands
+    for the part of the answer asked about; several would outvote the title and paraphrases
+    (knowledge/entries.py, EXCERPT_SENTENCES)."""
     by_entry: dict[str, list[float]] = defaultdict(list)
+    passages: dict[str, float] = {}
     excerpted: set[str] = set()
     for h in hits:
+        if h.kind == PASSAGE:
+            if h.score > passages.get(h.entry_id, -math.inf):
+                passages[h.entry_id] = h.score
+            continue
         if h.kind == EXCERPT:
             if h.entry_id in excerpted:
                 continue
             excerpted.add(h.entry_id)
-        if h.kind != PASSAGE:
-            by_entry[h.entry_id].append(h.score)
+        by_entry[h.entry_id].append(h.score)
     for s in by_entry.values():
         s.sort(reverse=True)
-    return by_entry
+    return by_entry, passages
 
 
-def _best_passage(hits: Sequence[RowHit]) -> dict[str, float]:
-    """Each entry's best passage cosine. Passages count by their best alone, never averaged
-    with the others: they say different things, and a mean would rank a long article below
-    a short one for the same passage (a title, paraphrases and an answer say the same thing,
-    and their mean is steadier than their best)."""
-    best: dict[str, float] = {}
-    for h in hits:
-        if h.kind == PASSAGE and h.score > best.get(h.entry_id, -math.inf):
-            best[h.entry_id] = h.score
-    return best
+def _best(e: str, by_entry: dict[str, list[float]], passages: dict[str, float]) -> float:
+    """An entry's best dense cosine, of any row."""
+    return max(by_entry[e][0] if e in by_entry else -math.inf, passages.get(e, -math.inf))
 
 
 def _aggregate(e: str, by_entry: dict[str, list[float]], passages: dict[str, float],
@@ -138,8 +140,7 @@ def _dense_keys(
     """Ranking key of every entry with a dense row; higher is better."""
     entries = set(by_entry) | set(passages)
     if opts.aggregation == "max":
-        return {e: max(by_entry.get(e, [-math.inf])[0], passages.get(e, -math.inf))
-                for e in entries}
+        return {e: _best(e, by_entry, passages) for e in entries}
     if opts.aggregation == "mean_top":
         return {e: _aggregate(e, by_entry, passages, opts.top_rows) for e in entries}
     top = sorted(hits, key=lambda h: -h.score)[: opts.knn]
@@ -153,8 +154,7 @@ def _dense_keys(
     # Voted entries rank by vote share, in (1, 2]; the others by their best cosine, in
     # [-2, 0], below every voted entry.
     return {e: 1.0 + votes[e] / total if e in votes
-            else max(by_entry.get(e, [-math.inf])[0], passages.get(e, -math.inf)) - 1.0
-            for e in entries}
+            else _best(e, by_entry, passages) - 1.0 for e in entries}
 
 
 def rank(
@@ -188,7 +188,7 @@ def rank(
     for h in dense:
         if h.entry_id not in best_row or h.score > best_row[h.entry_id].score:
             best_row[h.entry_id] = h
-    by_entry, passages = _by_entry(dense), _best_passage(dense)
+    by_entry, passages = _by_entry(dense)
     dense_key = _dense_keys(dense, by_entry, passages, opts)
     lex_best: dict[str, float] = {}
     lex_row: dict[str, str] = {}  # the best BM25 row's text: what matched when no dense row did
@@ -271,7 +271,6 @@ def fuse_lists(lists: Sequence[tuple[float, list[RankedEntry]]]) -> list[RankedE
 
 
 _WORD = re.compile(r"\w+")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 # Words that say nothing about which sentence answers: left out of the overlap.
 _FILLER = frozenset(
     "a an and are as at be by can do does for from how i if in is it my of on or so that the "
@@ -283,7 +282,8 @@ def best_sentence(question: str, text: str, max_chars: int = 300) -> str:
     their rarity in the text, ties to the earlier one), at most ``max_chars`` long: a short
     answer a bot can say before offering the whole passage. Empty when none shares a word."""
     asked = {w for w in _WORD.findall(question.lower()) if w not in _FILLER}
-    sentences = [s.strip() for s in _SENTENCE.split(text) if s.strip()]
+    sentences = [s.strip() for line in text.split("\n") for s in split_sentences(line)
+                 if s.strip()]
     if not asked or not sentences:
         return ""
     seen = [set(_WORD.findall(s.lower())) for s in sentences]

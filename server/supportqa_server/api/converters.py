@@ -10,18 +10,17 @@ from supportqa_server.knowledge.entries import EntryData
 from supportqa_server.knowledge.writer import WriteReport
 from supportqa_server.runtime.settings import DEFAULT_KB
 
+
+def _names(enum, prefix: str) -> dict[int, str]:
+    """A proto enum's values as lower-case names without ``prefix``; UNSPECIFIED -> ""."""
+    return {v: "" if enum.Name(v).endswith("_UNSPECIFIED") else
+            enum.Name(v).removeprefix(prefix).lower() for v in enum.values()}
+
+
 # AUDIO_FORMAT_FLAC -> "flac", as speech.audio.FORMATS names them; UNSPECIFIED -> "" (sniffed).
-AUDIO_FORMATS = {
-    v: "" if v == pb.AUDIO_FORMAT_UNSPECIFIED else pb.AudioFormat.Name(v).removeprefix(
-        "AUDIO_FORMAT_").lower()
-    for v in pb.AudioFormat.values()
-}
+AUDIO_FORMATS = _names(pb.AudioFormat, "AUDIO_FORMAT_")
 # BODY_FORMAT_HTML -> "html", as knowledge.articles.FORMATS names them; UNSPECIFIED -> "".
-BODY_FORMATS = {
-    v: "" if v == pb.BODY_FORMAT_UNSPECIFIED else pb.BodyFormat.Name(v).removeprefix(
-        "BODY_FORMAT_").lower()
-    for v in pb.BodyFormat.values()
-}
+BODY_FORMATS = _names(pb.BodyFormat, "BODY_FORMAT_")
 ROUTES = {DENSE: pb.ROUTE_DENSE, LEXICAL: pb.ROUTE_LEXICAL, READ: pb.ROUTE_READ, SEE: pb.ROUTE_SEE}
 
 

@@ -34,9 +34,14 @@ EXCERPT_SENTENCES = 3
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def split_sentences(text: str) -> list[str]:
+    """A text's sentences: split after ".", "?" or "!" and the spaces that follow."""
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
 def excerpts(text: str) -> list[str]:
     """A long answer's excerpts of EXCERPT_SENTENCES sentences; [] for a short one."""
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    sentences = split_sentences(text)
     if len(sentences) <= EXCERPT_SENTENCES:
         return []
     return [" ".join(sentences[i : i + EXCERPT_SENTENCES])

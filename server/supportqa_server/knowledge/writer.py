@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ class Splitting:
     """How texts become passages: the text model's word-piece counter, the most word pieces
     a passage may hold, and the largest article body accepted (bytes of UTF-8)."""
 
-    count_tokens: object  # Callable[[str], int]
+    count_tokens: Callable[[str], int]
     budget: int
     max_body_bytes: int
 

@@ -74,7 +74,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
 
 class Question(_message.Message):
-    __slots__ = ("knowledge_base", "text", "audio", "image", "top_k", "min_score", "locale", "tags", "metadata", "language")
+    __slots__ = ("knowledge_base", "text", "audio", "image", "top_k", "min_score", "locale", "tags", "metadata", "language", "no_clarify")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class Question(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    NO_CLARIFY_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     text: str
     audio: Audio
@@ -102,7 +103,8 @@ class Question(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     metadata: _containers.ScalarMap[str, str]
     language: str
-    def __init__(self, knowledge_base: _Optional[str] = ..., text: _Optional[str] = ..., audio: _Optional[_Union[Audio, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., locale: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., language: _Optional[str] = ...) -> None: ...
+    no_clarify: bool
+    def __init__(self, knowledge_base: _Optional[str] = ..., text: _Optional[str] = ..., audio: _Optional[_Union[Audio, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., locale: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., language: _Optional[str] = ..., no_clarify: _Optional[bool] = ...) -> None: ...
 
 class Answer(_message.Message):
     __slots__ = ("rank", "entry_id", "title", "answer", "score", "routes", "matched_text", "url", "tags", "passage", "short_answer")
@@ -151,6 +153,24 @@ class NoAnswer(_message.Message):
     best_score: float
     threshold: float
     def __init__(self, reason: _Optional[str] = ..., best_score: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class Clarify(_message.Message):
+    __slots__ = ("reason", "options")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    options: _containers.RepeatedCompositeFieldContainer[ClarifyOption]
+    def __init__(self, reason: _Optional[str] = ..., options: _Optional[_Iterable[_Union[ClarifyOption, _Mapping]]] = ...) -> None: ...
+
+class ClarifyOption(_message.Message):
+    __slots__ = ("entry_id", "title", "score")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    title: str
+    score: float
+    def __init__(self, entry_id: _Optional[str] = ..., title: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("request_id",)
@@ -207,36 +227,40 @@ class Done(_message.Message):
     def __init__(self, timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
 
 class AnswerEvent(_message.Message):
-    __slots__ = ("accepted", "transcript", "image_text", "answer", "no_answer", "done")
+    __slots__ = ("accepted", "transcript", "image_text", "answer", "no_answer", "done", "clarify")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TEXT_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     NO_ANSWER_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    CLARIFY_FIELD_NUMBER: _ClassVar[int]
     accepted: Accepted
     transcript: Transcript
     image_text: ImageText
     answer: Answer
     no_answer: NoAnswer
     done: Done
-    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    clarify: Clarify
+    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ...) -> None: ...
 
 class AnswerSet(_message.Message):
-    __slots__ = ("request_id", "answers", "no_answer", "transcript", "image_text", "timings")
+    __slots__ = ("request_id", "answers", "no_answer", "transcript", "image_text", "timings", "clarify")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
     NO_ANSWER_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TEXT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    CLARIFY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answers: _containers.RepeatedCompositeFieldContainer[Answer]
     no_answer: NoAnswer
     transcript: Transcript
     image_text: ImageText
     timings: StageTimings
-    def __init__(self, request_id: _Optional[str] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    clarify: Clarify
+    def __init__(self, request_id: _Optional[str] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ...) -> None: ...
 
 class ConverseConfig(_message.Message):
     __slots__ = ("question", "format", "sample_rate_hz", "channels", "end_silence_ms")
@@ -363,20 +387,22 @@ class StatsRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
 
 class KnowledgeBaseStats(_message.Message):
-    __slots__ = ("name", "entries", "rows", "image_rows", "threshold", "head")
+    __slots__ = ("name", "entries", "rows", "image_rows", "threshold", "head", "threshold_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     entries: int
     rows: int
     image_rows: int
     threshold: float
     head: str
-    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., rows: _Optional[int] = ..., image_rows: _Optional[int] = ..., threshold: _Optional[float] = ..., head: _Optional[str] = ...) -> None: ...
+    threshold_source: str
+    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., rows: _Optional[int] = ..., image_rows: _Optional[int] = ..., threshold: _Optional[float] = ..., head: _Optional[str] = ..., threshold_source: _Optional[str] = ...) -> None: ...
 
 class Component(_message.Message):
     __slots__ = ("name", "model", "device", "enabled", "detail")

@@ -34,7 +34,8 @@ _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
 NEUTRAL = dict(aggregation="max", top_rows=2, knn=10, knn_temperature=0.05, fusion="rrf",
-               lexical_weight=0.0, confidence="best", margin_weight=0.0, head_weight=0.0)
+               lexical_weight=0.0, confidence="best", margin_weight=0.0, head_weight=0.0,
+               head_confidence=0.0)
 
 
 def load(name: str, seed: int = 13, kb_file: str = "", kb_splits=(), q_splits=()):

@@ -13,7 +13,8 @@ def options(**kw) -> RankOptions:
     """Options with a neutral base (best row, dense only, no head) under ``kw``."""
     return RankOptions(**({"aggregation": "max", "top_rows": 2, "knn": 10,
                            "knn_temperature": 0.05, "fusion": "rrf", "lexical_weight": 0.0,
-                           "confidence": "best", "margin_weight": 0.0, "head_weight": 0.0} | kw))
+                           "confidence": "best", "margin_weight": 0.0, "head_weight": 0.0,
+                           "head_confidence": 0.0} | kw))
 
 
 def hits(*rows: tuple[str, float]) -> list[RowHit]:

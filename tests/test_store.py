@@ -250,11 +250,13 @@ def test_text_vectors_are_the_committed_rows_and_their_entries(store):
     store.upsert("kb", [a1, b], [vectors(a1, 0), vectors(b, 1)])
     a2 = EntryData(id="a", title="alpha two", answer="second")
     store.upsert("kb", [a2], [vectors(a2, 2)])
-    revision, labels, vecs, texts = store.text_vectors("kb", max_rows=100)
+    revision, labels, vecs, texts, kinds = store.text_vectors("kb", max_rows=100)
     assert revision == store.revision("kb")
     assert sorted(labels) == ["a", "a", "b", "b"]  # a's three old rows are gone
     assert sorted(zip(labels, texts, strict=True)) == [
         ("a", "alpha two"), ("a", "second"), ("b", "beta"), ("b", "other")]
+    assert sorted(zip(texts, kinds, strict=True))[:2] == [("alpha two", "title"),
+                                                          ("beta", "title")]
     assert vecs.shape == (4, DIM) and vecs.dtype == np.float32
     for label, v in zip(labels, vecs, strict=True):
         assert np.argmax(v) == (2 if label == "a" else 1)  # each row its own entry's vector
@@ -287,7 +289,7 @@ def test_crafted_ids_round_trip_and_survive_a_reopen(tmp_path):
     (dense, _), = s.search("kb", np.stack([vec(3)]), ["x"], limit=100, tags=("line\nbreak",),
                            locale="line\nbreak")
     assert ids(dense) == ["line\nbreak", "line\nbreak"]
-    revision, labels, vecs, _ = s.text_vectors("kb", 10_000)
+    revision, labels, vecs, _, _ = s.text_vectors("kb", 10_000)
     assert set(labels) == {e.id for e in kept} and len(vecs) == 2 * len(kept)
     s.close()
 

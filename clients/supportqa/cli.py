@@ -1,8 +1,10 @@
-"""`supportqa` command line: ask a question, ingest a knowledge base, show stats."""
+"""`supportqa` command line: ask a question, ingest a knowledge base, show stats; feedback,
+suggestions from the question log, lint."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import mimetypes
 import os
 import sys
@@ -57,6 +59,9 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
     if result.HasField("no_answer"):
         print(result.no_answer.reason)  # "no confident answer: ..." from the server
         return 0
+    if result.HasField("clarify"):
+        print("did you mean: " + " or ".join(repr(o.title or o.entry_id)
+                                              for o in result.clarify.options) + "?")
     for a in result.answers:
         routes = ",".join(ROUTE_NAMES.get(r, "?") for r in a.routes)
         print(f"{a.rank}. [{a.score:.3f}] {a.title}  ({a.entry_id}; {routes})")
@@ -69,7 +74,7 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
         print(f"   {a.answer}")
     t = result.timings
     print(f"({t.total_us / 1000:.1f} ms: embed {t.embed_us / 1000:.1f}, "
-          f"search {t.search_us / 1000:.1f})")
+          f"search {t.search_us / 1000:.1f}; request {result.request_id})")
     return 0
 
 
@@ -141,6 +146,81 @@ def _stats(args: argparse.Namespace, client: SupportClient) -> int:
     for c in s.components:
         state = "on" if c.enabled else "off"
         print(f"  {c.name}: {state} {c.model} {c.device} {c.detail}".rstrip())
+    return 0
+
+
+def _feedback(args: argparse.Namespace, client: SupportClient) -> int:
+    r = client.feedback(args.request_id, args.helpful, entry_id=args.entry or "",
+                        comment=args.comment or "", knowledge_base=args.knowledge_base)
+    print(f"feedback stored: request {args.request_id} in {r.knowledge_base} ({r.outcome})")
+    return 0
+
+
+SUGGESTION_KINDS = {pb.SUGGESTION_KIND_PARAPHRASES: "paraphrases",
+                    pb.SUGGESTION_KIND_NEW_ENTRY: "new entry"}
+
+
+def _suggest(args: argparse.Namespace, client: SupportClient) -> int:
+    found = client.suggest(args.knowledge_base, min_questions=args.min_questions)
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps([MessageToDict(s) for s in found], indent=2, ensure_ascii=False))
+        return 0
+    if not found:
+        print("no suggestions: no cluster of unanswered or not-helpful questions yet")
+    for n, s in enumerate(found, 1):
+        if s.kind == pb.SUGGESTION_KIND_PARAPHRASES:
+            what = f"add {len(s.questions)} paraphrase(s) to {s.entry_id}"
+        else:
+            near = f"; nearest entry {s.nearest_entry_id}" if s.nearest_entry_id else ""
+            what = f"new entry for {len(s.questions)} question(s){near}"
+        print(f"{n}. {s.id}  {what}  [{s.score:.2f}, asked {s.asked}x]")
+        print(f"   {s.reason}")
+        for q in s.questions:
+            print(f"   + {q}")
+        if s.blocked:
+            print(f"   ! {s.blocked}")
+    return 0
+
+
+def _accept(args: argparse.Namespace, client: SupportClient) -> int:
+    found = {s.id: s for s in client.suggest(args.knowledge_base,
+                                             min_questions=args.min_questions)}
+    s = found.get(args.suggestion_id)
+    if s is None:
+        print(f"error: suggestion {args.suggestion_id} is not proposed now (new questions "
+              "change a suggestion's id): run supportqa suggest again", file=sys.stderr)
+        return 1
+    try:
+        summary = client.accept(s, knowledge_base=args.knowledge_base, title=args.title or "",
+                                answer=args.answer or "", entry_id=args.id or "")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    what = (f"added to entry {s.entry_id}" if s.entry_id else
+            f"wrote new entry {args.id or '(id from the title)'}")
+    print(f"{what}: {len(s.questions)} question(s); {summary.written} entry written, "
+          f"{summary.rows} rows")
+    return 0
+
+
+def _lint(args: argparse.Namespace, client: SupportClient) -> int:
+    r = client.lint(args.knowledge_base)
+    print(f"{r.entries} entries, {r.rows} rows: {len(r.confusable)} confusable pair(s), "
+          f"{len(r.misplaced)} misplaced paraphrase(s)")
+    for c in r.confusable:
+        print(f"confusable: {c.entry_id_a} / {c.entry_id_b}  [centroids {c.similarity:.2f}; "
+              f"closest {c.text_similarity:.2f}: {c.text_a!r} / {c.text_b!r}]")
+    for m in r.misplaced:
+        print(f"misplaced: {m.paraphrase!r} of {m.entry_id} [{m.own_score:.2f}] scores higher "
+              f"for {m.other_entry_id} [{m.other_score:.2f}]")
+    return 1 if args.strict and (r.confusable or r.misplaced) else 0
+
+
+def _forget(args: argparse.Namespace, client: SupportClient) -> int:
+    n = client.delete_questions(args.conversation, knowledge_base=args.knowledge_base)
+    print(f"deleted {n} logged question(s) of conversation {args.conversation!r}")
     return 0
 
 
@@ -222,6 +302,44 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", parents=[common],
                         help="entries and rows per knowledge base, loaded models")
     st.add_argument("--knowledge-base", "-k", default="")
+    fb = sub.add_parser("feedback", parents=[common],
+                        help="say whether an answer helped (its request id: the last line of "
+                        "supportqa ask, AnswerSet.request_id)")
+    fb.add_argument("request_id")
+    said = fb.add_mutually_exclusive_group(required=True)
+    said.add_argument("--helpful", dest="helpful", action="store_true", default=None)
+    said.add_argument("--not-helpful", dest="helpful", action="store_false")
+    fb.add_argument("--entry", help="the entry that was the right answer")
+    fb.add_argument("--comment", help="free text (masked like the questions)")
+    fb.add_argument("--knowledge-base", "-k", default="",
+                    help="where it was asked (default: every one the key may use)")
+    sg = sub.add_parser("suggest", parents=[common],
+                        help="paraphrases and new entries proposed by the questions that got "
+                        "no answer or a not-helpful feedback")
+    sg.add_argument("--knowledge-base", "-k", default="default")
+    sg.add_argument("--min-questions", type=int, default=0,
+                    help="questions a cluster needs (default 2)")
+    sg.add_argument("--json", action="store_true", help="print the suggestions as JSON")
+    ac = sub.add_parser("accept", parents=[common],
+                        help="apply a suggestion: add its paraphrases to the entry, or write "
+                        "the new entry (with --title and --answer)")
+    ac.add_argument("suggestion_id", help="the id supportqa suggest printed")
+    ac.add_argument("--knowledge-base", "-k", default="default")
+    ac.add_argument("--title", help="a new entry's title")
+    ac.add_argument("--answer", help="a new entry's answer")
+    ac.add_argument("--id", help="a new entry's id (default: made from the title)")
+    ac.add_argument("--min-questions", type=int, default=0,
+                    help="as given to supportqa suggest")
+    li = sub.add_parser("lint", parents=[common],
+                        help="entries too close to tell apart, paraphrases that score higher "
+                        "for another entry")
+    li.add_argument("--knowledge-base", "-k", default="default")
+    li.add_argument("--strict", action="store_true", help="exit 1 when anything is found")
+    fg = sub.add_parser("forget", parents=[common],
+                        help="delete the logged questions of a conversation (privacy request)")
+    fg.add_argument("--conversation", required=True,
+                    help="the Question.metadata conversation_id they were asked with")
+    fg.add_argument("--knowledge-base", "-k", default="", help="default: every one")
     hl = sub.add_parser("health", parents=[common],
                         help="exit 0 when the server reports SERVING (Docker check)")
     hl.add_argument("--wait", type=float, default=3.0, help="seconds to wait for SERVING")
@@ -249,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, parser)
     if args.command == "ask" and not (args.question or args.audio or args.image):
         parser.error("ask needs a question, --audio or --image")
-    handlers = {"ask": _ask, "ingest": _ingest, "stats": _stats, "health": _health}
+    handlers = {"ask": _ask, "ingest": _ingest, "stats": _stats, "health": _health,
+                "feedback": _feedback, "suggest": _suggest, "accept": _accept, "lint": _lint,
+                "forget": _forget}
     try:
         client = SupportClient(args.target, timeout=args.timeout, api_key=args.api_key,
                                tls=tls_of(args))

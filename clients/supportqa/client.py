@@ -36,7 +36,8 @@ def audio_format_of(path: str | Path) -> str:
     fmt = Path(path).suffix.lstrip(".").lower()
     return fmt if fmt in AUDIO_FORMATS else ""
 
-Event = pb.Accepted | pb.Transcript | pb.ImageText | pb.Answer | pb.NoAnswer | pb.Done
+Event = (pb.Accepted | pb.Transcript | pb.ImageText | pb.Answer | pb.NoAnswer | pb.Clarify
+         | pb.Done)
 
 
 class SupportQAError(Exception):
@@ -85,13 +86,14 @@ def question(
     tags: Sequence[str] = (),
     language: str = "",
     metadata: dict[str, str] | None = None,
+    clarify: bool = True,
 ) -> pb.Question:
     """Builds a Question message; see the proto for each field."""
     if audio_format.lower() not in AUDIO_FORMATS:
         raise ValueError(f"audio_format {audio_format!r} is not one of {sorted(AUDIO_FORMATS)}")
     q = pb.Question(
         knowledge_base=knowledge_base, text=text, top_k=top_k, locale=locale, tags=list(tags),
-        language=language, metadata=metadata or {},
+        language=language, metadata=metadata or {}, no_clarify=not clarify,
     )
     if min_score is not None:
         q.min_score = min_score
@@ -111,6 +113,51 @@ def _entry(e: pb.Entry | dict) -> pb.Entry:
     from .knowledge_file import entry_from_dict
 
     return entry_from_dict(e)
+
+
+def feedback_request(request_id: str, helpful: bool, *, entry_id: str = "", comment: str = "",
+                     knowledge_base: str = "") -> pb.FeedbackRequest:
+    """Builds a FeedbackRequest; see the proto for each field."""
+    return pb.FeedbackRequest(
+        request_id=request_id, entry_id=entry_id, comment=comment, knowledge_base=knowledge_base,
+        verdict=pb.VERDICT_HELPFUL if helpful else pb.VERDICT_NOT_HELPFUL)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def accepted_entry(suggestion: pb.Suggestion, existing: pb.Entry | None = None, *,
+                   knowledge_base: str = "default", title: str = "", answer: str = "",
+                   entry_id: str = "") -> pb.Entry:
+    """The entry that applies a suggestion: ``existing`` (the suggested entry, as Get returns
+    it) with the suggested questions added as paraphrases, or for a new-entry suggestion a
+    new entry with ``title`` and ``answer`` (its id ``entry_id``, or made from the title).
+
+    Raises:
+        ValueError: the suggestion cannot be applied this way, or a new entry lacks its title
+            or answer.
+    """
+    if suggestion.blocked:
+        raise ValueError(suggestion.blocked)
+    if suggestion.kind == pb.SUGGESTION_KIND_PARAPHRASES:
+        if existing is None:
+            raise ValueError(f"the suggestion adds to entry {suggestion.entry_id!r}: pass it")
+        out = pb.Entry()
+        out.CopyFrom(existing)
+        out.knowledge_base = knowledge_base
+        have = {_normal(q) for q in (out.title, *out.questions)}
+        for q in suggestion.questions:
+            if _normal(q) not in have:
+                have.add(_normal(q))
+                out.questions.append(q)
+        return out
+    if not (title.strip() and answer.strip()):
+        raise ValueError("a new entry needs a title and an answer (supportqa accept ID "
+                         "--title TEXT --answer TEXT)")
+    made = "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split())
+    return pb.Entry(knowledge_base=knowledge_base, id=entry_id or made[:64] or suggestion.id,
+                    title=title, answer=answer, questions=list(suggestion.questions))
 
 
 def event_of(ev: pb.AnswerEvent) -> Event:
@@ -224,7 +271,8 @@ class SupportClient(_Base):
 
     def ask_stream(self, text: str = "", *, timeout: float | None = None,
                    **kwargs: Any) -> Iterator[Event]:
-        """Yields Accepted, Transcript/ImageText, Answer... or NoAnswer, then Done."""
+        """Yields Accepted, Transcript/ImageText, Clarify (when the best answers are too close
+        to tell apart), Answer... or NoAnswer, then Done."""
         q = question(text, **kwargs)
         for attempt in range(self.retries + 1):
             started = False
@@ -287,6 +335,44 @@ class SupportClient(_Base):
     def stats(self, knowledge_base: str = "", *, timeout: float | None = None) -> pb.StatsReply:
         return self._call(self._knowledge.Stats,
                           pb.StatsRequest(knowledge_base=knowledge_base), timeout)
+
+    def feedback(self, request_id: str, helpful: bool, *, entry_id: str = "", comment: str = "",
+                 knowledge_base: str = "", timeout: float | None = None) -> pb.FeedbackReply:
+        """Says whether the answer of ``request_id`` (AnswerSet.request_id) helped;
+        ``entry_id``: the entry that was right, when known."""
+        return self._call(self._answering.Feedback, feedback_request(
+            request_id, helpful, entry_id=entry_id, comment=comment,
+            knowledge_base=knowledge_base), timeout)
+
+    def suggest(self, knowledge_base: str = "default", *, min_questions: int = 0,
+                max_suggestions: int = 0, timeout: float | None = None) -> list[pb.Suggestion]:
+        """Proposals from the question log: paraphrases for entries, new entries."""
+        return list(self._call(self._knowledge.Suggest, pb.SuggestRequest(
+            knowledge_base=knowledge_base, min_questions=min_questions,
+            max_suggestions=max_suggestions), timeout).suggestions)
+
+    def accept(self, suggestion: pb.Suggestion, *, knowledge_base: str = "default",
+               title: str = "", answer: str = "", entry_id: str = "",
+               timeout: float | None = None) -> pb.UpsertSummary:
+        """Applies a suggestion: Get + Upsert of its entry with the questions added, or an
+        Upsert of a new entry with ``title`` and ``answer`` (accepted_entry)."""
+        existing = (self.get(suggestion.entry_id, knowledge_base=knowledge_base,
+                             timeout=timeout) if suggestion.entry_id else None)
+        return self.upsert([accepted_entry(suggestion, existing, knowledge_base=knowledge_base,
+                                           title=title, answer=answer, entry_id=entry_id)],
+                           timeout=timeout)
+
+    def lint(self, knowledge_base: str = "default", *,
+             timeout: float | None = None) -> pb.LintReply:
+        """Confusable entry pairs and misplaced paraphrases of a knowledge base."""
+        return self._call(self._knowledge.Lint, pb.LintRequest(knowledge_base=knowledge_base),
+                          timeout)
+
+    def delete_questions(self, conversation_id: str, *, knowledge_base: str = "",
+                         timeout: float | None = None) -> int:
+        """Deletes the logged questions of a conversation; returns how many."""
+        return self._call(self._knowledge.DeleteQuestions, pb.DeleteQuestionsRequest(
+            conversation_id=conversation_id, knowledge_base=knowledge_base), timeout).deleted
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Blocks until the server's health check says SERVING."""
@@ -412,3 +498,39 @@ class AsyncSupportClient(_Base):
         return await self._call(
             self._knowledge.Stats, pb.StatsRequest(knowledge_base=knowledge_base), timeout
         )
+
+
+    async def feedback(self, request_id: str, helpful: bool, *, entry_id: str = "",
+                       comment: str = "", knowledge_base: str = "",
+                       timeout: float | None = None) -> pb.FeedbackReply:
+        return await self._call(self._answering.Feedback, feedback_request(
+            request_id, helpful, entry_id=entry_id, comment=comment,
+            knowledge_base=knowledge_base), timeout)
+
+    async def suggest(self, knowledge_base: str = "default", *, min_questions: int = 0,
+                      max_suggestions: int = 0,
+                      timeout: float | None = None) -> list[pb.Suggestion]:
+        reply = await self._call(self._knowledge.Suggest, pb.SuggestRequest(
+            knowledge_base=knowledge_base, min_questions=min_questions,
+            max_suggestions=max_suggestions), timeout)
+        return list(reply.suggestions)
+
+    async def accept(self, suggestion: pb.Suggestion, *, knowledge_base: str = "default",
+                     title: str = "", answer: str = "", entry_id: str = "",
+                     timeout: float | None = None) -> pb.UpsertSummary:
+        existing = (await self.get(suggestion.entry_id, knowledge_base=knowledge_base,
+                                   timeout=timeout) if suggestion.entry_id else None)
+        return await self.upsert(
+            [accepted_entry(suggestion, existing, knowledge_base=knowledge_base, title=title,
+                            answer=answer, entry_id=entry_id)], timeout=timeout)
+
+    async def lint(self, knowledge_base: str = "default", *,
+                   timeout: float | None = None) -> pb.LintReply:
+        return await self._call(self._knowledge.Lint,
+                                pb.LintRequest(knowledge_base=knowledge_base), timeout)
+
+    async def delete_questions(self, conversation_id: str, *, knowledge_base: str = "",
+                               timeout: float | None = None) -> int:
+        reply = await self._call(self._knowledge.DeleteQuestions, pb.DeleteQuestionsRequest(
+            conversation_id=conversation_id, knowledge_base=knowledge_base), timeout)
+        return reply.deleted

@@ -149,9 +149,17 @@ async def upsert_entries(client: Any, entries: Sequence[supportqa_pb2.Entry]) ->
     return rows
 
 
+def settling(kb_stats: Any) -> bool:
+    """Whether a knowledge base's entry head or its threshold's calibration is still to come
+    (KnowledgeBaseStats.head, .threshold_source)."""
+    source = kb_stats.threshold_source
+    return kb_stats.head == "training" or "while calibrating" in source or "re-measuring" in source
+
+
 async def wait_for_head(client: Any, knowledge_base: str, timeout_s: float = 300.0) -> str:
-    """Waits while the server trains the knowledge base's entry head, so every query is
-    ranked the way a settled knowledge base is; returns its final state.
+    """Waits while the server trains the knowledge base's entry head and calibrates its
+    threshold, so every query is answered the way a settled knowledge base is; returns the
+    head's final state.
 
     Raises:
         EvalRunError: Still training after timeout_s.
@@ -160,10 +168,12 @@ async def wait_for_head(client: Any, knowledge_base: str, timeout_s: float = 300
     t0 = time.perf_counter()
     while True:
         reply = await client.stats(knowledge_base)
-        state = reply.knowledge_bases[0].head if reply.knowledge_bases else "off"
-        if state != "training":
-            print(f"entry head: {state or 'unknown'} (waited {time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr)
+        kb = reply.knowledge_bases[0] if reply.knowledge_bases else None
+        if kb is None or not settling(kb):
+            state = kb.head if kb else "off"
+            print(f"entry head: {state or 'unknown'}; threshold "
+                  f"{kb.threshold if kb else 0:.3f}, {kb.threshold_source if kb else ''} "
+                  f"(waited {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             return state
         if time.monotonic() > deadline:
             raise EvalRunError(f"the entry head of {knowledge_base!r} was still training "
@@ -231,6 +241,7 @@ async def ask_all(
                     scores=tuple(a.score for a in answers),
                     no_answer=reply.HasField("no_answer"),
                     latency_ms=(time.perf_counter() - t0) * 1000,
+                    clarify=tuple(o.entry_id for o in reply.clarify.options),
                 )
             done = next(finished)
             if done % report_every == 0:

@@ -21,6 +21,7 @@ class Outcome:
     no_answer: bool = False  # the server said NoAnswer
     latency_ms: float | None = None  # None when the call failed
     error: str | None = None  # "STATUS_NAME: details" when the call failed
+    clarify: tuple[str, ...] = ()  # the entry ids a Clarify offered; empty: none
 
 
 def _ratio(numerator: float, denominator: int) -> float | None:
@@ -49,7 +50,9 @@ def compute_metrics(outcomes: Sequence[Outcome], no_answer_label: str | None = N
         also ``in_scope_accuracy`` (equal to accuracy_at_1, named as in CLINC150),
         ``no_answer_precision``, ``no_answer_recall``, ``no_answer_f1``; then
         ``latency_ms_p50``, ``latency_ms_p95`` (nearest rank, successful calls only),
-        ``n_in_scope`` and ``n_errors``.
+        ``n_in_scope`` and ``n_errors``; ``clarify_rate`` (share of queries answered with a
+        Clarify) and ``clarify_hit_rate`` (share of in-scope Clarify replies offering the
+        right entry).
     """
     in_scope = [o for o in outcomes if o.label != no_answer_label]
     ranks = [_rank(o) for o in in_scope]
@@ -80,6 +83,9 @@ def compute_metrics(outcomes: Sequence[Outcome], no_answer_label: str | None = N
         "latency_ms_p95": percentile(latencies, 95) if latencies else None,
         "n_in_scope": len(in_scope),
         "n_errors": sum(o.error is not None for o in outcomes),
+        "clarify_rate": _ratio(sum(bool(o.clarify) for o in outcomes), len(outcomes)),
+        "clarify_hit_rate": _ratio(sum(o.label in o.clarify for o in in_scope),
+                                   sum(bool(o.clarify) for o in in_scope)),
     }
     return metrics
 
@@ -95,7 +101,7 @@ def apply_threshold(outcomes: Iterable[Outcome], threshold: float) -> list[Outco
         The outcomes as a server with this threshold would have answered.
     """
     return [
-        dataclasses.replace(o, ranked=(), scores=(), no_answer=True)
+        dataclasses.replace(o, ranked=(), scores=(), no_answer=True, clarify=())
         if o.scores and o.scores[0] < threshold
         else o
         for o in outcomes

@@ -1,6 +1,7 @@
 """What answering derives from each knowledge base's entries (its entry head, its speech
-language model, its threshold), in one object per knowledge base, rebuilt when the store's
-revision of that knowledge base moves. head.py holds the classifier itself."""
+language model, its calibrated threshold), in one object per knowledge base, rebuilt when the
+store's revision of that knowledge base moves. head.py holds the classifier itself,
+calibration.py the threshold's measurement."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
+from supportqa_server.answering.calibration import Calibration, Calibrator, out_of_scope_pool
 from supportqa_server.answering.head import EntryHead, HeadTrainer, word_rows
 from supportqa_server.errors import SupportQAError
 
@@ -33,21 +37,31 @@ class KnowledgeBaseState:
     speech_lm: object = None  # KnowledgeLM
     speech_lm_revision: int = -1
     speech_lm_built: float = float("-inf")  # time.monotonic() s
+    calibration: Calibration | None = None  # the latest, possibly of an older revision
+    calibration_off_at: int | None = None  # a revision too small to calibrate
 
 
 class KnowledgeBases:
     """The one owner of every knowledge base's KnowledgeBaseState.
 
     Args:
-        settings: threshold_for, head_max_rows, head_words, head_c.
+        settings: pinned_threshold, calibrate, fallback_threshold, head_max_rows,
+            head_words, head_c.
         head_on: Whether any ranking uses an entry head (a weight above 0).
+        rank_options: The ranking of typed questions, which calibration replays.
         model_exec: The model thread (all torch work runs there).
         store_exec: Threads for reading the rows.
     """
 
-    def __init__(self, settings, *, head_on: bool, model_exec, store_exec) -> None:
+    def __init__(self, settings, *, head_on: bool, model_exec, store_exec,
+                 rank_options=None) -> None:
         self.settings = settings
         self.head_on = head_on
+        self.rank_options = rank_options
+        # Embeds texts on the model thread (Models.encode_batch), once the models are loaded;
+        # calibration needs it for the out-of-scope pool.
+        self.encode = None
+        self._pool: tuple[list[str], object] | None = None
         self.store = None  # KnowledgeStore, once open
         self.speech = None  # SpeechRecognizer, when voice is on
         self._model_exec, self._store_exec = model_exec, store_exec
@@ -59,8 +73,47 @@ class KnowledgeBases:
         return self._states[kb]
 
     def threshold(self, kb: str) -> float:
-        """The score below which the knowledge base's best match is no answer."""
-        return self.settings.threshold_for(kb)
+        """The score below which the knowledge base's best match is no answer: pinned by the
+        operator, else calibrated (for the confidence with the head while the head is
+        current, for the cosine alone while it retrains), else the fallback."""
+        pinned = self.settings.pinned_threshold(kb)
+        if pinned is not None:
+            return pinned[0]
+        cal = self.state(kb).calibration if kb in self._states else None
+        if cal is None:
+            return self.settings.fallback_threshold
+        head = self._states[kb].head
+        current = head is not None and self.store is not None and (
+            head.revision == self.store.revision(kb))
+        return cal.threshold if current else cal.threshold_cosine
+
+    def threshold_source(self, kb: str) -> str:
+        """How threshold(kb) was set, for Stats."""
+        pinned = self.settings.pinned_threshold(kb)
+        if pinned is not None:
+            return f"pinned ({pinned[1]})"
+        st = self._states.get(kb)
+        if not self.settings.calibrate:
+            return "default (SUPPORTQA_FALLBACK_THRESHOLD; SUPPORTQA_CALIBRATE is off)"
+        if st is not None and st.calibration is not None:
+            behind = self.store is not None and st.calibration.revision != self.store.revision(kb)
+            return st.calibration.describe() + ("; re-measuring after writes" if behind else "")
+        if st is not None and st.calibration_off_at is not None:
+            return ("default (SUPPORTQA_FALLBACK_THRESHOLD): too few paraphrases to "
+                    "calibrate")
+        if not self.head_on:
+            return "default (SUPPORTQA_FALLBACK_THRESHOLD): calibration needs the entry head"
+        return "default (SUPPORTQA_FALLBACK_THRESHOLD) while calibrating"
+
+    def calibrating(self, kb: str) -> bool:
+        """Whether a calibration of the knowledge base's current entries is still to come."""
+        if (self.settings.pinned_threshold(kb) is not None or not self.settings.calibrate
+                or not self.head_on or self.store is None or not self.store.has(kb)):
+            return False
+        st, revision = self.state(kb), self.store.revision(kb)
+        done = (st.calibration is not None and st.calibration.revision == revision) or (
+            st.calibration_off_at == revision or st.head_off_at == revision)
+        return not done
 
     def head(self, kb: str) -> EntryHead | None:
         """The knowledge base's entry head when it was trained on the current entries; else
@@ -159,3 +212,36 @@ class KnowledgeBases:
             log.info("entry head for %r: %d rows, %d entries, %d iterations in %.1f s", kb,
                      len(got[1]), len(trainer.entry_ids), trainer.iterations,
                      time.perf_counter() - t0)
+            if self.settings.calibrate and self.settings.pinned_threshold(kb) is None:
+                await self._calibrate(st, got)
+
+    async def _calibrate(self, st: KnowledgeBaseState, got: tuple) -> None:
+        """Measures the knowledge base's threshold on the rows the head was trained on
+        (calibration.py); its steps run on the model thread, as the head's do."""
+        loop, s = asyncio.get_running_loop(), self.settings
+        if self.encode is None or self.rank_options is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            if self._pool is None:
+                texts = out_of_scope_pool()
+                vectors = await loop.run_in_executor(self._model_exec, self.encode, texts)
+                self._pool = (texts, np.stack(vectors))
+            cal = await loop.run_in_executor(self._model_exec, functools.partial(
+                Calibrator, *got, pool=self._pool, opts=self.rank_options,
+                head_kwargs={"c": s.head_c}, words_for=word_rows if s.head_words else None))
+            while not await loop.run_in_executor(self._model_exec, cal.step):
+                pass
+            result = await loop.run_in_executor(self._model_exec, cal.result)
+        except Exception:  # noqa: BLE001 - the fallback threshold applies; the log says why
+            log.exception("threshold of %r: calibration failed", st.name)
+            return
+        if result is None:
+            st.calibration_off_at = got[0]
+            log.info("threshold of %r: fallback %.2f (too few paraphrases to calibrate)",
+                     st.name, s.fallback_threshold)
+            return
+        st.calibration = result
+        log.info("threshold of %r: %.3f (%.3f without the head), %s, in %.1f s", st.name,
+                 result.threshold, result.threshold_cosine, result.describe(),
+                 time.perf_counter() - t0)

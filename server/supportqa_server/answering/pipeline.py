@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from supportqa_server.answering import converse as converse_flow
+from supportqa_server.answering import traffic
 from supportqa_server.answering.knowledge_bases import KnowledgeBases
 from supportqa_server.answering.models import IMAGE, OCR, SPEECH, TEXT, Models
 from supportqa_server.answering.rank import (
@@ -39,6 +40,7 @@ from supportqa_server.answering.types import (  # noqa: F401 - the answering API
     Answer,
     AskRequest,
     AudioInput,
+    Clarify,
     Component,
     ConverseMessage,
     ConverseStart,
@@ -54,12 +56,21 @@ from supportqa_server.answering.types import (  # noqa: F401 - the answering API
 )
 from supportqa_server.errors import InvalidInput, NotAvailable, NotReady, TooLarge
 from supportqa_server.knowledge.entries import MAX_FILTER_TAGS, EntryData
+from supportqa_server.knowledge.questions import QuestionLog
 from supportqa_server.knowledge.store import KnowledgeStore
 from supportqa_server.knowledge.writer import Splitting, check_kb_name, with_passages
+from supportqa_server.learning import LintOptions, LintReport, lint
+from supportqa_server.learning.vectors import rows_of
 from supportqa_server.runtime.datadir import lock_data_dir
 from supportqa_server.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Rows lint reads at most: it compares every paraphrase with every row (20,000 rows: ~2 s on
+# 2 cores, docs/benchmarks/learning.md).
+LINT_MAX_ROWS = 20_000
+
+CLARIFY_OPTIONS = 3  # entries a Clarify offers at most: more is too many to read out
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,9 @@ class Pipeline:
         )
         self.kbs = KnowledgeBases(
             self.settings, model_exec=self.models.model_exec, store_exec=self.store_exec,
-            head_on=self.rank_options.head_weight > 0 or self.heard_rank_options.head_weight > 0,
+            head_on=max(self.rank_options.head_weight, self.heard_rank_options.head_weight,
+                        self.rank_options.head_confidence) > 0,
+            rank_options=self.rank_options,
         )
         self.buffered_audio = 0  # bytes all open Converse streams hold, against a budget
         self._lock = None  # the open lock file of the data folder (Milvus Lite)
@@ -102,6 +115,7 @@ class Pipeline:
         # Awaited with store_ok whenever it changes (the app turns health to match).
         self.on_store_health: Callable[[bool], Awaitable[None]] | None = None
         self._watcher: asyncio.Task | None = None
+        self.traffic: traffic.Traffic | None = None  # the question log's writer, when on
 
     @property
     def components(self) -> list[Component]:
@@ -127,6 +141,12 @@ class Pipeline:
         )
         self.store.open()
         self.kbs.store, self.kbs.speech = self.store, models.speech
+        if s.question_log and s.log_questions != "off":
+            questions = QuestionLog(self.store.client, models.encoder.dim, uri=uri,
+                                    days=s.question_log_days, max_rows=s.question_log_max_rows)
+            self.traffic = traffic.Traffic(s, questions, self.store, self.store_exec,
+                                           self._embed_one)
+        self.kbs.encode = models.encode_batch
         models.components.append(Component(
             "store", uri, "", detail=f"milvus {self.store.server_version}; routes: "
             + ", ".join(self.store.routes)))
@@ -139,6 +159,8 @@ class Pipeline:
             self.kbs.speech_lm,
         )
         self.ready = True
+        if self.traffic is not None:
+            self.traffic.start()
         for kb in self.store.knowledge_bases():
             self.kbs.head(kb)
         if self.store.shared:
@@ -177,6 +199,8 @@ class Pipeline:
         if self._watcher is not None:
             self._watcher.cancel()
         self.kbs.cancel()
+        if self.traffic is not None:  # masked questions still need the text encoder
+            await self.traffic.close()
         await self.models.close()
         # Store-thread jobs still running (a write, a head's read of the rows) end before the
         # store closes: a read on a closed store fails, and a write must not be cut short.
@@ -316,6 +340,8 @@ class Pipeline:
             yield Done(timings)
             return
         lists = await asyncio.gather(*(self._ranked(req, q, timings) for q in queries))
+        if req.min_score is None:  # the head may have become current while ranking
+            threshold = self.kbs.threshold(req.knowledge_base)
         weighted = [(q.weight, r) for q, r in zip(queries, lists, strict=True)]
         if see_vector is not None:
             weighted.append((1.0, await self._ranked_see(req, see_vector, timings)))
@@ -330,14 +356,17 @@ class Pipeline:
 
     async def _ranked(self, req: AskRequest, q: _Query, timings: Timings) -> list[RankedEntry]:
         opts = self.heard_rank_options if q.heard else self.rank_options
-        head = self.kbs.head(req.knowledge_base) if opts.head_weight > 0 else None
+        # The head orders (head_weight) and joins the confidence (head_confidence).
+        head = (self.kbs.head(req.knowledge_base)
+                if opts.head_weight > 0 or opts.head_confidence > 0 else None)
         limit, lexical_limit = row_limits(
-            req.top_k, head is not None,
+            req.top_k, head is not None and opts.head_weight > 0,
             self.rank_options.lexical_weight > 0 and self.store is not None and self.store.lexical)
         t0 = time.perf_counter()
         found = await self.models.submit(TEXT, SearchItem(
             req.knowledge_base, q.text, limit, lexical_limit, req.locale, req.tags, head
         ), req.timeout)
+        traffic.searched(q.text, q.weight, found.vector)
         timings.embed_us += us_since(t0) - found.search_us - found.head_us
         timings.search_us += found.search_us
         t0 = time.perf_counter()
@@ -392,6 +421,13 @@ class Pipeline:
                 len(out) + 1, entry, r.score, tuple(sorted(r.routes)), r.matched_text, passage,
                 best_sentence(question, passage.text) if passage else "",
             ))
+        if req.clarify and len(out) >= 2:
+            close = [a for a in out if abs(a.score - out[0].score) < self.settings.clarify_margin]
+            if len(close) >= 2:
+                close = close[:CLARIFY_OPTIONS]
+                out.insert(0, Clarify(
+                    f"{len(close)} entries within {self.settings.clarify_margin:.2f} of each "
+                    "other", tuple((a.entry.id, a.entry.title, a.score) for a in close)))
         if not out:
             reason = (
                 f"no confident answer: the best match scores {best.score:.2f}, below the "
@@ -451,6 +487,33 @@ class Pipeline:
         self.kbs.head(knowledge_base)
         return deleted
 
+    # Learning (the question log; learning/)
+
+    def question_log(self) -> traffic.Traffic:
+        """The question log's calls; raises NotAvailable when it is off."""
+        self._require_ready()
+        if self.traffic is None:
+            raise NotAvailable(
+                "the question log is off on this server (SUPPORTQA_QUESTION_LOG=off or "
+                "SUPPORTQA_LOG_QUESTIONS=off): it keeps no questions to give feedback on, "
+                "forget or learn from")
+        return self.traffic
+
+    async def _embed_one(self, text: str) -> np.ndarray:
+        return (await self.models.write_vectors([[text]]))[0][0]
+
+    async def lint(self, knowledge_base: str, options: LintOptions) -> LintReport:
+        """A knowledge base's confusable entries and misplaced paraphrases (learning/lint.py),
+        on a store thread: it reads every row."""
+        store = self._require_ready()
+        options.check()
+        store.counts(knowledge_base)  # NotFound naming the knowledge bases there are
+
+        def run() -> LintReport:
+            return lint(rows_of(store, knowledge_base, LINT_MAX_ROWS)[0], options)
+
+        return await asyncio.get_running_loop().run_in_executor(self.store_exec, run)
+
     def get(self, knowledge_base: str, entry_id: str) -> EntryData:
         return self._require_ready().get(knowledge_base, entry_id)
 
@@ -462,9 +525,11 @@ class Pipeline:
         """The stored entry, or None (also for an unknown knowledge base)."""
         return self._require_ready().entry(knowledge_base, entry_id)
 
-    def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, int, float, str]]:
-        """(name, entries, rows, image rows, threshold, entry head state) per knowledge base."""
+    def stats(self, knowledge_base: str = "") -> list[tuple[str, int, int, int, float, str, str]]:
+        """(name, entries, rows, image rows, threshold, entry head state, how the threshold
+        was set) per knowledge base."""
         store = self._require_ready()
         names = [knowledge_base] if knowledge_base else store.knowledge_bases()
-        return [(n, *store.counts(n), self.kbs.threshold(n), self.kbs.head_state(n))
+        return [(n, *store.counts(n), self.kbs.threshold(n), self.kbs.head_state(n),
+                 self.kbs.threshold_source(n))
                 for n in names]

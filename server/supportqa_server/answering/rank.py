@@ -39,6 +39,10 @@ class RankOptions:
     # Weight of the entry head's probability (head.py) in the ranking key: added as is with
     # "score" fusion, as a third reciprocal-rank route with "rrf". Orders, never confidence.
     head_weight: float
+    # Weight of the entry head's probability in the confidence: (cosine + w * p) / (1 + w).
+    # Where a head is trained, it tells an unknown question from a known one better than
+    # the cosine alone (CLINC150 val, NoAnswer recall 0.85: in-scope 0.934 -> 0.952).
+    head_confidence: float
     rrf_k: float = 60.0  # reciprocal-rank-fusion constant (Cormack et al. 2009); not a setting
 
     @classmethod
@@ -67,9 +71,10 @@ class RankOptions:
             raise ValueError("top_rows and knn must be at least 1")
         if self.knn_temperature <= 0 or self.rrf_k < 0:
             raise ValueError("knn_temperature must be positive and rrf_k not negative")
-        if self.lexical_weight < 0 or self.margin_weight < 0 or self.head_weight < 0:
-            raise ValueError("lexical_weight, margin_weight and head_weight must not be "
-                             "negative")
+        if min(self.lexical_weight, self.margin_weight, self.head_weight,
+               self.head_confidence) < 0:
+            raise ValueError("lexical_weight, margin_weight, head_weight and head_confidence "
+                             "must not be negative")
 
 
 AGGREGATIONS = ("max", "mean_top", "knn")
@@ -179,7 +184,8 @@ def rank(
         opts: Ranking options.
         extra_routes: Routes to add to every entry (e.g. READ when the text came from OCR).
         head: The entry head's probabilities for this question (EntryHead.probabilities),
-            weighted by ``opts.head_weight`` into the key of the entries found by the routes.
+            weighted by ``opts.head_weight`` into the key of the entries found by the routes
+            and by ``opts.head_confidence`` into their confidence.
 
     Returns:
         Every entry with a row, best first.
@@ -231,6 +237,9 @@ def rank(
             conf = _aggregate(e, by_entry, passages, opts.top_rows)
         else:
             conf = row.score
+        if head is not None and opts.head_confidence > 0 and row is not None:
+            w = opts.head_confidence
+            conf = (conf + w * head.get(e, 0.0)) / (1.0 + w)
         routes = {DENSE} if row else set()
         if e in lex_set:
             routes.add(LEXICAL)

@@ -40,6 +40,7 @@ class AskRequest:
     locale: str = ""
     tags: tuple[str, ...] = ()
     language: str = ""  # spoken-language hint, ISO 639-1
+    clarify: bool = True  # False: never a Clarify, the ranked answers alone
     timeout: float | None = None  # seconds left on the caller's deadline
 
 
@@ -99,7 +100,15 @@ class Done:
     timings: Timings
 
 
-Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Done
+@dataclass(frozen=True)
+class Clarify:
+    """The best answers score too close together to tell apart: the bot should ask."""
+
+    reason: str
+    options: tuple[tuple[str, str, float], ...]  # (entry id, title, confidence), best first
+
+
+Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Clarify | Done
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ from supportqa.v1 import supportqa_pb2 as pb
 from supportqa_server.answering import pipeline as p
 from supportqa_server.answering.rank import DENSE, LEXICAL, READ, SEE
 from supportqa_server.knowledge.entries import EntryData
+from supportqa_server.knowledge.questions import Feedback
 from supportqa_server.knowledge.writer import WriteReport
+from supportqa_server.learning import LintReport, Suggestion, SuggestOptions
+from supportqa_server.learning.suggest import NEW_ENTRY, PARAPHRASES
 from supportqa_server.runtime.settings import DEFAULT_KB
 
 
@@ -43,6 +46,7 @@ def ask_request(q: pb.Question, timeout: float | None) -> p.AskRequest:
         locale=q.locale,
         tags=tuple(t for t in q.tags if t),
         language=q.language,
+        clarify=not q.no_clarify,
         timeout=timeout,
     )
 
@@ -82,6 +86,11 @@ def no_answer(n: p.NoAnswer) -> pb.NoAnswer:
     return pb.NoAnswer(reason=n.reason, best_score=n.best_score, threshold=n.threshold)
 
 
+def clarify(c: p.Clarify) -> pb.Clarify:
+    return pb.Clarify(reason=c.reason, options=[
+        pb.ClarifyOption(entry_id=e, title=t, score=s) for e, t, s in c.options])
+
+
 def event(ev: p.Event) -> pb.AnswerEvent:
     match ev:
         case p.Accepted():
@@ -94,6 +103,8 @@ def event(ev: p.Event) -> pb.AnswerEvent:
             return pb.AnswerEvent(answer=answer(ev))
         case p.NoAnswer():
             return pb.AnswerEvent(no_answer=no_answer(ev))
+        case p.Clarify():
+            return pb.AnswerEvent(clarify=clarify(ev))
         case p.Done():
             return pb.AnswerEvent(done=pb.Done(timings=timings(ev.timings)))
     raise TypeError(f"unknown event {ev!r}")
@@ -114,6 +125,8 @@ def fold(events: list[p.Event]) -> pb.AnswerSet:
                 out.answers.append(answer(ev))
             case p.NoAnswer():
                 out.no_answer.CopyFrom(no_answer(ev))
+            case p.Clarify():
+                out.clarify.CopyFrom(clarify(ev))
             case p.Done():
                 out.timings.CopyFrom(timings(ev.timings))
     return out
@@ -164,4 +177,47 @@ def upsert_summary(r: WriteReport) -> pb.UpsertSummary:
         received=r.received, written=r.written, replaced=r.replaced, rows=r.rows,
         failures=[pb.EntryFailure(index=f.index, entry_id=f.entry_id, code=f.code,
                                   message=f.message) for f in r.rejected],
+    )
+
+
+def conversation_id(q: pb.Question) -> str:
+    """The conversation a question belongs to (Question.metadata["conversation_id"])."""
+    return q.metadata.get("conversation_id", "")
+
+
+VERDICTS = {pb.VERDICT_HELPFUL: True, pb.VERDICT_NOT_HELPFUL: False}
+
+
+def feedback(r: pb.FeedbackRequest) -> Feedback:
+    return Feedback(request_id=r.request_id, helpful=VERDICTS.get(r.verdict),
+                    entry_id=r.entry_id, comment=r.comment, knowledge_base=r.knowledge_base)
+
+
+def suggest_options(r: pb.SuggestRequest) -> SuggestOptions:
+    """The request's options; 0 fields keep the defaults."""
+    given = {"min_questions": r.min_questions, "max_suggestions": r.max_suggestions}
+    return SuggestOptions(**{k: v for k, v in given.items() if v})
+
+
+SUGGESTION_KINDS = {PARAPHRASES: pb.SUGGESTION_KIND_PARAPHRASES,
+                    NEW_ENTRY: pb.SUGGESTION_KIND_NEW_ENTRY}
+
+
+def suggestion(s: Suggestion) -> pb.Suggestion:
+    return pb.Suggestion(
+        id=s.id, kind=SUGGESTION_KINDS[s.kind], entry_id=s.entry_id,
+        questions=list(s.questions), asked=s.asked, score=s.score, reason=s.reason,
+        nearest_entry_id=s.nearest_entry, blocked=s.blocked, request_ids=list(s.request_ids))
+
+
+def lint_reply(r: LintReport) -> pb.LintReply:
+    return pb.LintReply(
+        entries=r.entries, rows=r.rows,
+        confusable=[pb.ConfusablePair(
+            entry_id_a=p.entry_a, entry_id_b=p.entry_b, similarity=p.similarity,
+            text_a=p.text_a, text_b=p.text_b, text_similarity=p.text_similarity)
+            for p in r.confusable],
+        misplaced=[pb.MisplacedParaphrase(
+            entry_id=m.entry_id, paraphrase=m.paraphrase, own_score=m.own_score,
+            other_entry_id=m.other_entry, other_score=m.other_score) for m in r.misplaced],
     )

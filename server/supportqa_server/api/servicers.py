@@ -9,6 +9,7 @@ import grpc
 from supportqa.v1 import supportqa_pb2 as pb
 from supportqa.v1 import supportqa_pb2_grpc as pb_grpc
 
+from supportqa_server.answering import traffic
 from supportqa_server.answering.pipeline import Pipeline
 from supportqa_server.answering.types import ConverseStart
 from supportqa_server.api import auth, observe
@@ -17,6 +18,7 @@ from supportqa_server.api.status import status_of, stream_errors, unary_errors
 from supportqa_server.errors import InvalidInput, PermissionDenied, TooLarge
 from supportqa_server.knowledge.entries import MAX_ID_BYTES
 from supportqa_server.knowledge.writer import EntryWriter, Rejected
+from supportqa_server.learning import LintOptions
 from supportqa_server.runtime.settings import DEFAULT_KB
 
 UPSERT_SUMMARY_KEY = "supportqa-upsert-summary-bin"
@@ -29,10 +31,16 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return context.time_remaining()
 
 
-async def _observed(events):
+async def _observed(events, trip: traffic.Trip | None = None, pipeline=None):
+    """The events, seen by the request log and the question's trip; a complete trip goes to
+    the question log (never waiting, never failing the answer)."""
     async for ev in events:
         observe.saw(ev)
+        if trip is not None:
+            trip.saw(ev)
         yield ev
+    if trip is not None and getattr(pipeline, "traffic", None) is not None:
+        pipeline.traffic.record(trip)
 
 
 class AnsweringServicer(pb_grpc.AnsweringServicer):
@@ -43,7 +51,8 @@ class AnsweringServicer(pb_grpc.AnsweringServicer):
         req = conv.ask_request(request, _timeout(context))
         observe.asked(req)
         auth.current().require(req.knowledge_base)
-        return _observed(self.pipeline.ask(req))
+        trip = traffic.begin(req.knowledge_base, req.text, conv.conversation_id(request))
+        return _observed(self.pipeline.ask(req), trip, self.pipeline)
 
     @unary_errors
     async def Ask(self, request: pb.Question, context) -> pb.AnswerSet:
@@ -56,16 +65,32 @@ class AnsweringServicer(pb_grpc.AnsweringServicer):
 
     @stream_errors
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.AnswerEvent]:
+        trip = traffic.begin()
+
         async def messages():
             async for m in request_iterator:
                 msg = conv.converse_message(m)
                 if isinstance(msg, ConverseStart):
                     observe.asked(msg.request, voice=True)
                     auth.current().require(msg.request.knowledge_base)
+                    trip.knowledge_base = msg.request.knowledge_base
+                    trip.conversation_id = conv.conversation_id(m.config.question)
                 yield msg
 
-        async for ev in _observed(self.pipeline.converse(messages(), _timeout(context))):
+        async for ev in _observed(self.pipeline.converse(messages(), _timeout(context)), trip,
+                                  self.pipeline):
             yield conv.event(ev)
+
+    @unary_errors
+    async def Feedback(self, request: pb.FeedbackRequest, context) -> pb.FeedbackReply:
+        fb = conv.feedback(request)
+        principal = auth.current()
+        if fb.knowledge_base:
+            observe.touched(fb.knowledge_base)
+            principal.require(fb.knowledge_base)
+        q = await self.pipeline.question_log().feedback(fb, principal.can_see)
+        observe.touched(q.knowledge_base)
+        return pb.FeedbackReply(knowledge_base=q.knowledge_base, outcome=q.outcome)
 
 
 class KnowledgeServicer(pb_grpc.KnowledgeServicer):
@@ -124,20 +149,44 @@ class KnowledgeServicer(pb_grpc.KnowledgeServicer):
         return pb.ListIdsReply(ids=self.pipeline.ids(kb))
 
     @unary_errors
+    async def Suggest(self, request: pb.SuggestRequest, context) -> pb.SuggestReply:
+        kb = request.knowledge_base or DEFAULT_KB
+        observe.touched(kb)
+        auth.current().require(kb, auth.WRITER)
+        found = await self.pipeline.question_log().suggest(kb, conv.suggest_options(request))
+        return pb.SuggestReply(suggestions=[conv.suggestion(s) for s in found])
+
+    @unary_errors
+    async def Lint(self, request: pb.LintRequest, context) -> pb.LintReply:
+        kb = request.knowledge_base or DEFAULT_KB
+        observe.touched(kb)
+        auth.current().require(kb, auth.WRITER)
+        return conv.lint_reply(await self.pipeline.lint(kb, LintOptions()))
+
+    @unary_errors
+    async def DeleteQuestions(self, request: pb.DeleteQuestionsRequest,
+                              context) -> pb.DeleteQuestionsReply:
+        observe.touched(request.knowledge_base)
+        auth.current().require(request.knowledge_base or DEFAULT_KB, auth.ADMIN)
+        deleted = await self.pipeline.question_log().forget(request.conversation_id,
+                                                            request.knowledge_base)
+        return pb.DeleteQuestionsReply(deleted=deleted)
+
+    @unary_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsReply:
         out = pb.StatsReply()
         principal = auth.current()
         if request.knowledge_base:
             observe.touched(request.knowledge_base)
             principal.require(request.knowledge_base)
-        for name, entries, rows, image_rows, threshold, head in self.pipeline.stats(
+        for name, entries, rows, image_rows, threshold, head, source in self.pipeline.stats(
             request.knowledge_base
         ):
             if not principal.can_see(name):
                 continue
             out.knowledge_bases.append(pb.KnowledgeBaseStats(
                 name=name, entries=entries, rows=rows, image_rows=image_rows,
-                threshold=threshold, head=head,
+                threshold=threshold, head=head, threshold_source=source,
             ))
         for c in self.pipeline.components:
             out.components.append(

@@ -421,10 +421,10 @@ class KnowledgeStore(SearchMixin):
 
     def text_vectors(
         self, kb: str, max_rows: int
-    ) -> tuple[int, list[str], np.ndarray, list[str]] | None:
-        """(revision, entry id per row, (rows, dim) text vectors, row texts) of the committed
-        entries, for the entry head (head.py); None when the knowledge base has more than
-        ``max_rows`` rows.
+    ) -> tuple[int, list[str], np.ndarray, list[str], list[str]] | None:
+        """(revision, entry id per row, (rows, dim) text vectors, row texts, row kinds) of the
+        committed entries, for the entry head (head.py) and the threshold's calibration;
+        None when the knowledge base has more than ``max_rows`` rows.
 
         Read without the write lock: rows are kept only when their version is committed at
         the end, and a write during the read changes the revision, so the caller sees that
@@ -434,17 +434,18 @@ class KnowledgeStore(SearchMixin):
         revision = state.revision
         if state.rows > max_rows:
             return None
-        labels, vecs, texts = [], [], []
-        for batch in scan(self.client, rows_name(kb), ["pk", "vector", "text"]):
+        labels, vecs, texts, kinds = [], [], [], []
+        for batch in scan(self.client, rows_name(kb), ["pk", "vector", "text", "kind"]):
             live = [(r, row[0].id) for r in batch
                     if (row := state.committed_row(r["pk"])) is not None]
             labels += [entry_id for _, entry_id in live]
             live = [r for r, _ in live]
             texts += [r["text"] for r in live]
+            kinds += [r["kind"] for r in live]
             # To float32 a batch at a time: as Python floats, 100k rows of 384 would take 1 GB.
             vecs.append(np.asarray([r["vector"] for r in live], np.float32).reshape(-1, self.dim))
         empty = np.zeros((0, self.dim), np.float32)
-        return revision, labels, np.concatenate(vecs or [empty]), texts
+        return revision, labels, np.concatenate(vecs or [empty]), texts, kinds
 
     def counts(self, kb: str) -> tuple[int, int, int]:
         """(entries, text rows, image rows) of a knowledge base."""

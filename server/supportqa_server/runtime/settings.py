@@ -125,10 +125,17 @@ class Settings(BaseSettings):
     """Audio all open Converse streams may buffer together; beyond it RESOURCE_EXHAUSTED."""
 
     # Ranking
-    threshold: float = 0.44
-    """Confidence below which the reply is NoAnswer."""
+    threshold: float | None = None
+    """Confidence below which the reply is NoAnswer, pinned for every knowledge base; unset:
+    each knowledge base calibrates its own (calibrate)."""
     thresholds: dict[str, float] = Field(default_factory=dict)
-    """Per knowledge base, JSON: `{"banking": 0.5}`."""
+    """Pinned thresholds per knowledge base, JSON: `{"banking": 0.5}`."""
+    calibrate: bool = True
+    """Derive each knowledge base's threshold from its own paraphrases and a general
+    out-of-scope pool after every write (answering/calibration.py)."""
+    fallback_threshold: float = Field(0.44, ge=0.0, le=1.0)
+    """Threshold while a knowledge base's calibration is pending or impossible (fewer than 20
+    paraphrases to hold out, as in a knowledge base of articles)."""
     lexical: bool = True
     """Keep a BM25 index (needed for lexical_weight above 0)."""
     aggregation: str = "mean_top"
@@ -152,6 +159,12 @@ class Settings(BaseSettings):
     writes) in the ranking of typed and read questions; 0: off. It orders, never scores."""
     head_weight_voice: float = Field(0.0, ge=0.0)
     """The entry head's weight for transcribed questions."""
+    clarify_margin: float = Field(0.03, ge=0.0, le=1.0)
+    """Confident answers whose confidences lie within this of the first's are offered in a
+    Clarify ("did you mean A or B?") before the answers; 0: never."""
+    head_confidence: float = Field(0.3, ge=0.0)
+    """Weight of the entry head's probability in the confidence, `(cosine + w * p) / (1 +
+    w)`, where a head is trained; 0: the cosine alone."""
     head_c: float = Field(10.0, gt=0.0)
     """Inverse regularisation of the entry head's fit."""
     head_words: bool = True
@@ -184,6 +197,16 @@ class Settings(BaseSettings):
     store_threads: int = 4
     """Threads for Milvus writes, image searches and the entry head's reads."""
 
+    # Question log
+    question_log: bool = True
+    """Keep every answered question in Milvus, per knowledge base (text masked as
+    log_questions says, its vector, outcome, top scores, Feedback, conversation id), for
+    Feedback and Suggest; `off`, or log_questions `off`, keeps none."""
+    question_log_days: float = Field(30.0, gt=0.0)
+    """Days a logged question is kept; older ones are deleted (checked every 10 minutes)."""
+    question_log_max_rows: int = Field(100_000, ge=1)
+    """Logged questions kept per knowledge base; beyond it the oldest are deleted."""
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -208,8 +231,8 @@ class Settings(BaseSettings):
 
     @field_validator("threshold")
     @classmethod
-    def _check_threshold(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
+    def _check_threshold(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
             raise ValueError(f"threshold {v} must be within [0, 1]")
         return v
 
@@ -220,7 +243,11 @@ class Settings(BaseSettings):
             raise ValueError("max_batch and max_queue must be at least 1")
         return v
 
-    def threshold_for(self, knowledge_base: str) -> float:
-        """Confidence threshold of one knowledge base."""
-        return self.thresholds.get(knowledge_base, self.threshold)
+    def pinned_threshold(self, knowledge_base: str) -> tuple[float, str] | None:
+        """(threshold, the setting that pins it) of one knowledge base; None: calibrated."""
+        if knowledge_base in self.thresholds:
+            return self.thresholds[knowledge_base], "SUPPORTQA_THRESHOLDS"
+        if self.threshold is not None:
+            return self.threshold, "SUPPORTQA_THRESHOLD"
+        return None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -26,22 +25,9 @@ from supportqa_server.api import auth
 from supportqa_server.api.metrics import UNKNOWN_KB, Metrics
 from supportqa_server.api.status import status_of
 from supportqa_server.errors import PermissionDenied, SupportQAError
+from supportqa_server.runtime.logs import mask
 
 request_log = logging.getLogger("supportqa.requests")
-
-# What the masks replace, in this order: an e-mail's digits are not a phone number.
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")  # 13-19 digits, maybe grouped
-_PHONE = re.compile(r"(?<![\w(+])[+(]?\d[\d ().-]{5,}\d(?!\d)")  # 7+ digits with separators
-
-
-def mask(text: str) -> str:
-    """text with card numbers, e-mail addresses and phone numbers replaced by [card],
-    [email] and [phone]."""
-    text = _EMAIL.sub("[email]", text)
-    text = _CARD.sub("[card]", text)
-    return _PHONE.sub(lambda m: "[phone]" if sum(c.isdigit() for c in m[0]) >= 7 else m[0],
-                      text)
 
 
 @dataclass

@@ -35,6 +35,18 @@ class BodyFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BODY_FORMAT_MARKDOWN: _ClassVar[BodyFormat]
     BODY_FORMAT_HTML: _ClassVar[BodyFormat]
     BODY_FORMAT_TEXT: _ClassVar[BodyFormat]
+
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    VERDICT_HELPFUL: _ClassVar[Verdict]
+    VERDICT_NOT_HELPFUL: _ClassVar[Verdict]
+
+class SuggestionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SUGGESTION_KIND_UNSPECIFIED: _ClassVar[SuggestionKind]
+    SUGGESTION_KIND_PARAPHRASES: _ClassVar[SuggestionKind]
+    SUGGESTION_KIND_NEW_ENTRY: _ClassVar[SuggestionKind]
 AUDIO_FORMAT_UNSPECIFIED: AudioFormat
 AUDIO_FORMAT_WAV: AudioFormat
 AUDIO_FORMAT_FLAC: AudioFormat
@@ -52,6 +64,12 @@ BODY_FORMAT_UNSPECIFIED: BodyFormat
 BODY_FORMAT_MARKDOWN: BodyFormat
 BODY_FORMAT_HTML: BodyFormat
 BODY_FORMAT_TEXT: BodyFormat
+VERDICT_UNSPECIFIED: Verdict
+VERDICT_HELPFUL: Verdict
+VERDICT_NOT_HELPFUL: Verdict
+SUGGESTION_KIND_UNSPECIFIED: SuggestionKind
+SUGGESTION_KIND_PARAPHRASES: SuggestionKind
+SUGGESTION_KIND_NEW_ENTRY: SuggestionKind
 
 class Audio(_message.Message):
     __slots__ = ("data", "format", "sample_rate_hz", "channels")
@@ -425,3 +443,127 @@ class StatsReply(_message.Message):
     knowledge_bases: _containers.RepeatedCompositeFieldContainer[KnowledgeBaseStats]
     components: _containers.RepeatedCompositeFieldContainer[Component]
     def __init__(self, knowledge_bases: _Optional[_Iterable[_Union[KnowledgeBaseStats, _Mapping]]] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "verdict", "entry_id", "comment", "knowledge_base")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    verdict: Verdict
+    entry_id: str
+    comment: str
+    knowledge_base: str
+    def __init__(self, request_id: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., entry_id: _Optional[str] = ..., comment: _Optional[str] = ..., knowledge_base: _Optional[str] = ...) -> None: ...
+
+class FeedbackReply(_message.Message):
+    __slots__ = ("knowledge_base", "outcome")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    outcome: str
+    def __init__(self, knowledge_base: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class SuggestRequest(_message.Message):
+    __slots__ = ("knowledge_base", "min_questions", "max_suggestions")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    MIN_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    min_questions: int
+    max_suggestions: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., min_questions: _Optional[int] = ..., max_suggestions: _Optional[int] = ...) -> None: ...
+
+class Suggestion(_message.Message):
+    __slots__ = ("id", "kind", "entry_id", "questions", "asked", "score", "reason", "nearest_entry_id", "blocked", "request_ids")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    ASKED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: SuggestionKind
+    entry_id: str
+    questions: _containers.RepeatedScalarFieldContainer[str]
+    asked: int
+    score: float
+    reason: str
+    nearest_entry_id: str
+    blocked: str
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[SuggestionKind, str]] = ..., entry_id: _Optional[str] = ..., questions: _Optional[_Iterable[str]] = ..., asked: _Optional[int] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ..., nearest_entry_id: _Optional[str] = ..., blocked: _Optional[str] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SuggestReply(_message.Message):
+    __slots__ = ("suggestions",)
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    suggestions: _containers.RepeatedCompositeFieldContainer[Suggestion]
+    def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ...) -> None: ...
+
+class LintRequest(_message.Message):
+    __slots__ = ("knowledge_base",)
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+
+class ConfusablePair(_message.Message):
+    __slots__ = ("entry_id_a", "entry_id_b", "similarity", "text_a", "text_b", "text_similarity")
+    ENTRY_ID_A_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_B_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_A_FIELD_NUMBER: _ClassVar[int]
+    TEXT_B_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    entry_id_a: str
+    entry_id_b: str
+    similarity: float
+    text_a: str
+    text_b: str
+    text_similarity: float
+    def __init__(self, entry_id_a: _Optional[str] = ..., entry_id_b: _Optional[str] = ..., similarity: _Optional[float] = ..., text_a: _Optional[str] = ..., text_b: _Optional[str] = ..., text_similarity: _Optional[float] = ...) -> None: ...
+
+class MisplacedParaphrase(_message.Message):
+    __slots__ = ("entry_id", "paraphrase", "own_score", "other_entry_id", "other_score")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAPHRASE_FIELD_NUMBER: _ClassVar[int]
+    OWN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OTHER_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    OTHER_SCORE_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    paraphrase: str
+    own_score: float
+    other_entry_id: str
+    other_score: float
+    def __init__(self, entry_id: _Optional[str] = ..., paraphrase: _Optional[str] = ..., own_score: _Optional[float] = ..., other_entry_id: _Optional[str] = ..., other_score: _Optional[float] = ...) -> None: ...
+
+class LintReply(_message.Message):
+    __slots__ = ("entries", "rows", "confusable", "misplaced")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CONFUSABLE_FIELD_NUMBER: _ClassVar[int]
+    MISPLACED_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    rows: int
+    confusable: _containers.RepeatedCompositeFieldContainer[ConfusablePair]
+    misplaced: _containers.RepeatedCompositeFieldContainer[MisplacedParaphrase]
+    def __init__(self, entries: _Optional[int] = ..., rows: _Optional[int] = ..., confusable: _Optional[_Iterable[_Union[ConfusablePair, _Mapping]]] = ..., misplaced: _Optional[_Iterable[_Union[MisplacedParaphrase, _Mapping]]] = ...) -> None: ...
+
+class DeleteQuestionsRequest(_message.Message):
+    __slots__ = ("conversation_id", "knowledge_base")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    knowledge_base: str
+    def __init__(self, conversation_id: _Optional[str] = ..., knowledge_base: _Optional[str] = ...) -> None: ...
+
+class DeleteQuestionsReply(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,11 @@ class AnsweringStub:
                 request_serializer=supportqa_dot_v1_dot_supportqa__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.AnswerEvent.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/supportqa.v1.Answering/Feedback',
+                request_serializer=supportqa_dot_v1_dot_supportqa__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.FeedbackReply.FromString,
+                _registered_method=True)
 
 
 class AnsweringServicer:
@@ -81,6 +86,18 @@ class AnsweringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Says whether an answer helped: the request_id of an Ask, AskStream or Converse
+        (Accepted.request_id, AnswerSet.request_id), helpful or not, the entry that was right if
+        the bot knows it, and a comment. Stored on the question's row in the question log, where
+        Suggest reads it; a later Feedback on the same request replaces the earlier one.
+        NOT_FOUND when the log has no such request (unknown, older than the log keeps, or
+        forgotten); UNIMPLEMENTED when the server keeps no question log. Needs a reader key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnsweringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +115,11 @@ def add_AnsweringServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.ConverseRequest.FromString,
                     response_serializer=supportqa_dot_v1_dot_supportqa__pb2.AnswerEvent.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.FeedbackRequest.FromString,
+                    response_serializer=supportqa_dot_v1_dot_supportqa__pb2.FeedbackReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -192,6 +214,33 @@ class Answering:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supportqa.v1.Answering/Feedback',
+            supportqa_dot_v1_dot_supportqa__pb2.FeedbackRequest.SerializeToString,
+            supportqa_dot_v1_dot_supportqa__pb2.FeedbackReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class KnowledgeStub:
     """Writes and reads knowledge-base entries.
@@ -227,6 +276,21 @@ class KnowledgeStub:
                 '/supportqa.v1.Knowledge/ListIds',
                 request_serializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsRequest.SerializeToString,
                 response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsReply.FromString,
+                _registered_method=True)
+        self.Suggest = channel.unary_unary(
+                '/supportqa.v1.Knowledge/Suggest',
+                request_serializer=supportqa_dot_v1_dot_supportqa__pb2.SuggestRequest.SerializeToString,
+                response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.SuggestReply.FromString,
+                _registered_method=True)
+        self.Lint = channel.unary_unary(
+                '/supportqa.v1.Knowledge/Lint',
+                request_serializer=supportqa_dot_v1_dot_supportqa__pb2.LintRequest.SerializeToString,
+                response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.LintReply.FromString,
+                _registered_method=True)
+        self.DeleteQuestions = channel.unary_unary(
+                '/supportqa.v1.Knowledge/DeleteQuestions',
+                request_serializer=supportqa_dot_v1_dot_supportqa__pb2.DeleteQuestionsRequest.SerializeToString,
+                response_deserializer=supportqa_dot_v1_dot_supportqa__pb2.DeleteQuestionsReply.FromString,
                 _registered_method=True)
 
 
@@ -274,6 +338,35 @@ class KnowledgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suggest(self, request, context):
+        """Proposals from the question log: the questions that got no answer or a not-helpful
+        Feedback, clustered by meaning. A cluster near an entry (or whose Feedback named the
+        right entry) becomes paraphrases to add to that entry, any other cluster a new entry.
+        `supportqa accept` applies one (Get + Upsert). Needs a writer key: it shows customers'
+        (masked) questions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lint(self, request, context):
+        """The knowledge base's lint: pairs of entries too close to tell apart, and paraphrases that
+        score higher for another entry than for their own. Needs a writer key (it reads every
+        row).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQuestions(self, request, context):
+        """Deletes the question log's rows of one conversation (the questions asked with
+        Question.metadata["conversation_id"] set to it), for a privacy request. Needs an admin
+        key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +394,21 @@ def add_KnowledgeServicer_to_server(servicer, server):
                     servicer.ListIds,
                     request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsRequest.FromString,
                     response_serializer=supportqa_dot_v1_dot_supportqa__pb2.ListIdsReply.SerializeToString,
+            ),
+            'Suggest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suggest,
+                    request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.SuggestRequest.FromString,
+                    response_serializer=supportqa_dot_v1_dot_supportqa__pb2.SuggestReply.SerializeToString,
+            ),
+            'Lint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lint,
+                    request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.LintRequest.FromString,
+                    response_serializer=supportqa_dot_v1_dot_supportqa__pb2.LintReply.SerializeToString,
+            ),
+            'DeleteQuestions': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQuestions,
+                    request_deserializer=supportqa_dot_v1_dot_supportqa__pb2.DeleteQuestionsRequest.FromString,
+                    response_serializer=supportqa_dot_v1_dot_supportqa__pb2.DeleteQuestionsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +547,87 @@ class Knowledge:
             '/supportqa.v1.Knowledge/ListIds',
             supportqa_dot_v1_dot_supportqa__pb2.ListIdsRequest.SerializeToString,
             supportqa_dot_v1_dot_supportqa__pb2.ListIdsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suggest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supportqa.v1.Knowledge/Suggest',
+            supportqa_dot_v1_dot_supportqa__pb2.SuggestRequest.SerializeToString,
+            supportqa_dot_v1_dot_supportqa__pb2.SuggestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supportqa.v1.Knowledge/Lint',
+            supportqa_dot_v1_dot_supportqa__pb2.LintRequest.SerializeToString,
+            supportqa_dot_v1_dot_supportqa__pb2.LintReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQuestions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/supportqa.v1.Knowledge/DeleteQuestions',
+            supportqa_dot_v1_dot_supportqa__pb2.DeleteQuestionsRequest.SerializeToString,
+            supportqa_dot_v1_dot_supportqa__pb2.DeleteQuestionsReply.FromString,
             options,
             channel_credentials,
             insecure,

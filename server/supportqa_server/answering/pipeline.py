@@ -145,7 +145,7 @@ class Pipeline:
             questions = QuestionLog(self.store.client, models.encoder.dim, uri=uri,
                                     days=s.question_log_days, max_rows=s.question_log_max_rows)
             self.traffic = traffic.Traffic(s, questions, self.store, self.store_exec,
-                                           self._embed_one)
+                                           models.write_vectors)
         self.kbs.encode = models.encode_batch
         models.components.append(Component(
             "store", uri, "", detail=f"milvus {self.store.server_version}; routes: "
@@ -498,9 +498,6 @@ class Pipeline:
                 "SUPPORTQA_LOG_QUESTIONS=off): it keeps no questions to give feedback on, "
                 "forget or learn from")
         return self.traffic
-
-    async def _embed_one(self, text: str) -> np.ndarray:
-        return (await self.models.write_vectors([[text]]))[0][0]
 
     async def lint(self, knowledge_base: str, options: LintOptions) -> LintReport:
         """A knowledge base's confusable entries and misplaced paraphrases (learning/lint.py),

@@ -28,6 +28,13 @@ ROLE_OF = {
     "/supportqa.v1.Knowledge/ListIds": READER,
     "/supportqa.v1.Knowledge/Upsert": WRITER,
     "/supportqa.v1.Knowledge/Delete": WRITER,
+    # A bot says whether an answer helped; suggestions show customers' (masked) questions and
+    # lint reads every row, so both are for the people who edit the knowledge base; deleting
+    # a conversation's questions (a privacy request) is an administrator's.
+    "/supportqa.v1.Answering/Feedback": READER,
+    "/supportqa.v1.Knowledge/Suggest": WRITER,
+    "/supportqa.v1.Knowledge/Lint": WRITER,
+    "/supportqa.v1.Knowledge/DeleteQuestions": ADMIN,
 }
 ALL = "*"
 

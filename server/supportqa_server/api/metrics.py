@@ -4,7 +4,7 @@ answer confidence, model queues and batches, and the knowledge bases' state at s
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Seconds: from a lone cached question (~5 ms) to a long voice question under load (~30 s).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -81,9 +81,21 @@ class _PipelineCollector:
         head = GaugeMetricFamily(
             "supportqa_entry_head", "1 for the entry head's state (ready, training, off).",
             labels=["knowledge_base", "state"])
-        for name, n_entries, n_rows, _, _, state in self.pipeline.stats():
+        for name, n_entries, n_rows, _, _, state, *_ in self.pipeline.stats():
             entries.add_metric([name], n_entries)
             rows.add_metric([name], n_rows)
             for s in ("ready", "training", "off"):
                 head.add_metric([name, s], 1.0 if s == state else 0.0)
         yield from (entries, rows, head)
+        traffic = getattr(self.pipeline, "traffic", None)
+        if traffic is not None:
+            logged = CounterMetricFamily(
+                "supportqa_question_log_rows",
+                "Questions for the question log: written, failed (a write that failed; the row "
+                "is tried again) or dropped (lost: queue full, or failed 3 times).",
+                labels=["result"])
+            q = traffic.log
+            for result, n in (("written", q.written), ("failed", q.failed),
+                              ("dropped", q.dropped + traffic.failed)):
+                logged.add_metric([result], n)
+            yield logged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from supportqa.client import AsyncSupportClient, SupportQAError
@@ -125,3 +126,69 @@ def test_status_messages_are_capped_below_grpcs_metadata_limit():
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(msg) <= MAX_DETAILS + 3 and msg.endswith("...")
     assert status_of(InvalidInput("short"))[1] == "short"
+
+
+class RecordingPipeline(FakePipeline):
+    """A FakePipeline whose searches and finished questions are seen as the question log sees
+    them (answering/traffic.py): the servicer's trip, filled by the events and the search."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.traffic, self.trips = self, []
+
+    def record(self, trip) -> None:
+        self.trips.append(trip)
+
+    async def ask(self, req: p.AskRequest):
+        import asyncio
+
+        from supportqa_server.answering import traffic
+
+        async def search():  # the search runs in tasks of the call, as answer_accepted's
+            traffic.searched(req.text.strip(), 1.0, np.ones(2, np.float32))
+
+        async for ev in super().ask(req):
+            if isinstance(ev, p.Accepted):
+                await asyncio.gather(search())
+            yield ev
+
+    async def converse(self, messages, timeout):
+        from supportqa_server.answering import traffic
+
+        async for m in messages:
+            if isinstance(m, p.EndOfUtterance):
+                break
+        yield p.Accepted("cid")
+        yield p.Transcript("my card is lost", "en", True)
+        traffic.searched("my card is lost", 1.0, np.zeros(2, np.float32))
+        yield p.NoAnswer("no confident answer", 0.2, 0.5)
+        yield p.Done(p.Timings())
+
+
+async def test_each_answered_question_reaches_the_question_log_with_its_conversation():
+    pipeline = RecordingPipeline()
+    app, port = create_server(Settings(port=0), pipeline)
+    await app.server.start()
+    try:
+        async with AsyncSupportClient(f"127.0.0.1:{port}", retries=0) as c:
+            await c.ask(" card lost ", knowledge_base="kb", metadata={"conversation_id": "c-1"})
+            [ev async for ev in c.ask_stream("card lost")]
+            with pytest.raises(SupportQAError):
+                await c.ask("overload")  # failed: not logged
+            config = pb.ConverseConfig(question=pb.Question(
+                knowledge_base="kb", metadata={"conversation_id": "call-7"}))
+            [ev async for ev in c.converse([pb.ConverseRequest(config=config),
+                                           pb.ConverseRequest(audio_chunk=b"\0\0"),
+                                           pb.ConverseRequest(end=pb.EndOfUtterance())])]
+    finally:
+        await app.stop(0)
+    typed, streamed, spoken = pipeline.trips
+    assert (typed.knowledge_base, typed.text, typed.conversation_id, typed.request_id) == (
+        "kb", "card lost", "c-1", "rid")
+    assert typed.done and typed.outcome == "answered" and typed.top == [("e", 0.9)]
+    assert typed.question()[0] == "card lost" and typed.question()[1].tolist() == [1.0, 1.0]
+    assert (streamed.knowledge_base, streamed.conversation_id, streamed.done) == (
+        "default", "", True)
+    assert (spoken.knowledge_base, spoken.conversation_id, spoken.request_id) == (
+        "kb", "call-7", "cid")
+    assert spoken.outcome == "no_answer" and spoken.question()[0] == "my card is lost"

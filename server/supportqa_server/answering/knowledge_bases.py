@@ -97,11 +97,14 @@ class KnowledgeBases:
             return "default (SUPPORTQA_FALLBACK_THRESHOLD; SUPPORTQA_CALIBRATE is off)"
         if st is not None and st.calibration is not None:
             behind = self.store is not None and st.calibration.revision != self.store.revision(kb)
-            return st.calibration.describe() + ("; re-measuring after writes" if behind else "")
+            return st.calibration.describe() + (
+                ("; re-measuring after writes" if self.calibrating(kb)
+                 else "; of earlier entries") if behind else "")
         if st is not None and st.calibration_off_at is not None:
             return ("default (SUPPORTQA_FALLBACK_THRESHOLD): too few paraphrases to "
                     "calibrate")
-        if not self.head_on:
+        if not self.head_on or (st is not None and self.store is not None
+                                and st.head_off_at == self.store.revision(kb)):
             return "default (SUPPORTQA_FALLBACK_THRESHOLD): calibration needs the entry head"
         return "default (SUPPORTQA_FALLBACK_THRESHOLD) while calibrating"
 

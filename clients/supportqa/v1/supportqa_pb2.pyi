@@ -239,13 +239,23 @@ class StageTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., transcribe_us: _Optional[int] = ..., read_us: _Optional[int] = ..., embed_us: _Optional[int] = ..., search_us: _Optional[int] = ..., rank_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class Done(_message.Message):
-    __slots__ = ("timings",)
+    __slots__ = ("timings", "turn")
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     timings: StageTimings
-    def __init__(self, timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    turn: int
+    def __init__(self, timings: _Optional[_Union[StageTimings, _Mapping]] = ..., turn: _Optional[int] = ...) -> None: ...
+
+class SpeechStarted(_message.Message):
+    __slots__ = ("turn", "at_ms")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    at_ms: int
+    def __init__(self, turn: _Optional[int] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class AnswerEvent(_message.Message):
-    __slots__ = ("accepted", "transcript", "image_text", "answer", "no_answer", "done", "clarify")
+    __slots__ = ("accepted", "transcript", "image_text", "answer", "no_answer", "done", "clarify", "speech_started")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +263,7 @@ class AnswerEvent(_message.Message):
     NO_ANSWER_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     CLARIFY_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
     accepted: Accepted
     transcript: Transcript
     image_text: ImageText
@@ -260,7 +271,8 @@ class AnswerEvent(_message.Message):
     no_answer: NoAnswer
     done: Done
     clarify: Clarify
-    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ...) -> None: ...
+    speech_started: SpeechStarted
+    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ...) -> None: ...
 
 class AnswerSet(_message.Message):
     __slots__ = ("request_id", "answers", "no_answer", "transcript", "image_text", "timings", "clarify")
@@ -281,18 +293,20 @@ class AnswerSet(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ...) -> None: ...
 
 class ConverseConfig(_message.Message):
-    __slots__ = ("question", "format", "sample_rate_hz", "channels", "end_silence_ms")
+    __slots__ = ("question", "format", "sample_rate_hz", "channels", "end_silence_ms", "whole_call")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     END_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_CALL_FIELD_NUMBER: _ClassVar[int]
     question: Question
     format: AudioFormat
     sample_rate_hz: int
     channels: int
     end_silence_ms: int
-    def __init__(self, question: _Optional[_Union[Question, _Mapping]] = ..., format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ..., end_silence_ms: _Optional[int] = ...) -> None: ...
+    whole_call: bool
+    def __init__(self, question: _Optional[_Union[Question, _Mapping]] = ..., format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ..., end_silence_ms: _Optional[int] = ..., whole_call: _Optional[bool] = ...) -> None: ...
 
 class EndOfUtterance(_message.Message):
     __slots__ = ()

@@ -81,6 +81,10 @@ class AnsweringServicer:
         chunks, then optionally EndOfUtterance. The server sends partial Transcript events while
         audio arrives, and on end of utterance (sent by the client, or detected as trailing
         silence when the config asks for it) the final Transcript, the answers and Done.
+        With ConverseConfig.whole_call the stream is a whole phone call: a voice-activity
+        detector finds each of the caller's turns, and per turn the server sends SpeechStarted,
+        Accepted (the turn's request id), partial Transcripts, the final Transcript, the answers
+        and Done; the stream stays open for the next turn until the caller closes it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

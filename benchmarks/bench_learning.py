@@ -12,6 +12,7 @@ Usage: python benchmarks/bench_learning.py [--out docs/benchmarks/learning.md]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import random
@@ -162,6 +163,74 @@ def lint_table(encoder, args) -> list[str]:
     return out + ["", "The most confusable pairs lint reports:", "", *examples]
 
 
+def lint_timing(rows_n: int = 20_000, per_entry: int = 10, dim: int = 384) -> list[str]:
+    """lint's time at the most rows it reads (pipeline.LINT_MAX_ROWS), on random clustered
+    vectors: its cost depends on the row count, not on the texts."""
+    from supportqa_server.learning.lint import lint
+    from supportqa_server.learning.vectors import EntryRows, unit
+
+    rng = np.random.default_rng(0)
+    n_entries = rows_n // per_entry
+    centres = rng.standard_normal((n_entries, dim)).astype(np.float32)
+    vectors = unit(np.repeat(centres, per_entry, axis=0)
+                   + 0.5 * rng.standard_normal((rows_n, dim)).astype(np.float32))
+    ids = [f"e{i}" for i in range(n_entries) for _ in range(per_entry)]
+    kinds = (["title"] + ["question"] * (per_entry - 1)) * n_entries
+    rows = EntryRows.build(ids, vectors, [f"t{i}" for i in range(rows_n)], kinds)
+    t0 = time.perf_counter()
+    lint(rows)
+    return [f"lint of {rows_n:,} rows ({n_entries:,} entries, {rows_n - n_entries:,} "
+            f"paraphrases), random {dim}-d vectors: {time.perf_counter() - t0:.1f} s."]
+
+
+async def _serve_ab(args) -> list[str]:
+    """Ask latency and throughput with the question log on and off: two servers in this
+    process, the sample knowledge base, turns alternating."""
+    import statistics
+    import tempfile
+
+    from supportqa.client import AsyncSupportClient
+    from supportqa.knowledge_file import read_entries
+    from supportqa_server.api.server import running_server
+    from supportqa_server.runtime.settings import Settings
+
+    questions = [e.questions[-1] for e in read_entries(ROOT / "knowledge" / "sample.jsonl")]
+    questions = [q + " please" for q in questions]
+    lat: dict[bool, list[float]] = {True: [], False: []}
+    qps: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as d_on, tempfile.TemporaryDirectory() as d_off:
+        def settings(d, on):
+            return Settings(port=0, data_dir=Path(d), speech_model="", clip_model="",
+                            ocr=False, question_log=on, metrics_port=0, max_queue_ms=0)
+        async with running_server(settings(d_on, True)) as on, \
+                running_server(settings(d_off, False)) as off:
+            clients = {}
+            for flag, target in ((True, on), (False, off)):
+                clients[flag] = AsyncSupportClient(target, timeout=60)
+                await clients[flag].upsert(read_entries(ROOT / "knowledge" / "sample.jsonl"))
+                for q in questions[:10]:
+                    await clients[flag].ask(q)
+            for _ in range(args.turns):
+                for flag in (True, False):
+                    c = clients[flag]
+                    for q in questions:
+                        t0 = time.perf_counter()
+                        await c.ask(q)
+                        lat[flag].append((time.perf_counter() - t0) * 1000)
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(c.ask(q) for q in questions * 4))
+                    qps[flag].append(4 * len(questions) / (time.perf_counter() - t0))
+            for c in clients.values():
+                await c.close()
+    out = ["| question log | Ask latency, one caller: median / p90 (ms) | QPS, "
+           f"{4 * len(questions)} Asks at once: median of {args.turns} turns |", "|---|---|---|"]
+    for flag in (True, False):
+        xs = sorted(lat[flag])
+        out.append(f"| {'on' if flag else 'off'} | {statistics.median(xs):.1f} / "
+                   f"{xs[int(0.9 * len(xs))]:.1f} | {statistics.median(qps[flag]):.0f} |")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +242,7 @@ def main() -> int:
     ap.add_argument("--distances", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6])
     ap.add_argument("--nears", type=float, nargs="+", default=[0.35, 0.4, 0.45, 0.5])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--turns", type=int, default=4, help="alternating turns of the A/B")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "learning.md"))
     args = ap.parse_args()
     from bench_text import write_report
@@ -183,7 +253,12 @@ def main() -> int:
              "`python benchmarks/bench_learning.py` (offline, bundled all-MiniLM-L6-v2, float32; "
              "the dense route's scores only: no BM25, no entry head).", "",
              "## Suggestions (CLINC150)", "", *suggestions_table(encoder, args), "",
-             "## Lint (title + 10 paraphrases per intent)", "", *lint_table(encoder, args), ""]
+             "## Lint (title + 10 paraphrases per intent)", "", *lint_table(encoder, args), "",
+             *lint_timing(), "",
+             "## The question log on the answer path", "",
+             "The sample knowledge base through the server (bfloat16 where the CPU has it), "
+             "each sample entry's last paraphrase + \" please\"; two servers in one process, "
+             "turns alternating.", "", *asyncio.run(_serve_ab(args)), ""]
     return write_report(args.out, lines)
 
 

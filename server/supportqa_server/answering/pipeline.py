@@ -66,8 +66,8 @@ from supportqa_server.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Rows lint reads at most: it compares every paraphrase with every row (20,000 rows: ~2 s on
-# 2 cores, docs/benchmarks/learning.md).
+# Rows lint reads at most: it scores every paraphrase against every row (20,000 rows: 15 s on
+# a store thread, 2 cores; docs/benchmarks/learning.md).
 LINT_MAX_ROWS = 20_000
 
 CLARIFY_OPTIONS = 3  # entries a Clarify offers at most: more is too many to read out

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FLUSH_ROWS = 256  # queued rows that start a flush before FLUSH_S is up
 PRUNE_EVERY_S = 600.0  # retention (SUPPORTQA_QUESTION_LOG_DAYS, _MAX_ROWS) is applied this often
 CLOSE_WAIT_S = 5.0  # on shutdown, how long masked questions still being embedded are awaited
+# Rows of a knowledge base Suggest scores questions against: (256, 100k) float32 cosines a chunk
+SUGGEST_MAX_ROWS = 100_000
 
 
 @dataclass(eq=False)
@@ -252,7 +254,7 @@ class Traffic:
             since = time.time() - self.settings.question_log_days * 86400
             questions = self.log.read(kb, since=since, unanswered=True,
                                       limit=options.max_questions)
-            rows, entries = rows_of(self.store, kb, self.settings.head_max_rows)
+            rows, entries = rows_of(self.store, kb, SUGGEST_MAX_ROWS)
             return suggest(questions, entries, rows, options)
 
         await self.settle()

@@ -264,3 +264,23 @@ async def test_a_failing_question_log_never_fails_an_answer(served):
     row = await logged(served, answer.request_id)  # the retry writes it
     assert row is not None and row.outcome == "answered"
     assert np.isclose(np.linalg.norm(row.vector), 1.0, atol=1e-3)
+
+
+async def test_with_the_question_log_off_feedback_and_suggest_say_so(tmp_path):
+    from supportqa_server.api.server import running_server
+    from supportqa_server.runtime.settings import Settings
+
+    settings = Settings(port=0, data_dir=tmp_path, speech_model="", clip_model="", ocr=False,
+                        log_questions="off")
+    async with running_server(settings) as target:
+        async with AsyncSupportClient(target, timeout=60, retries=0) as c:
+            await c.upsert(entries(KB, ENTRIES))
+            answer = await c.ask("where is my parcel", knowledge_base=KB)
+            assert answer.answers[0].entry_id == "parcel-tracking"
+            for call in (c.feedback(answer.request_id, True), c.suggest(KB),
+                         c.delete_questions("c1")):
+                with pytest.raises(SupportQAError) as e:
+                    await call
+                assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+                assert "question log is off" in e.value.details
+            assert (await c.lint(KB)).entries == 4  # lint needs no log

@@ -243,27 +243,43 @@ async def test_a_failing_question_log_never_fails_an_answer(served):
     log = served[1].traffic.log
     real = log.client
 
-    class Down:
+    class DownOnce:
+        """Milvus failing the log's next write, as in an outage."""
+
+        down = True
+
         def __getattr__(self, name):
-            if name == "upsert":
+            if name == "upsert" and self.down:
                 def upsert(*a, **kw):
+                    self.down = False
                     raise ConnectionError("Milvus is down")
                 return upsert
             return getattr(real, name)
 
-    failed = log.failed
-    log.client = Down()
+    failed, dropped = log.failed, log.dropped
+    log.client = DownOnce()
     try:
         async with client(served, "reader") as c:
             answer = await c.ask("where is my parcel", knowledge_base=KB)
         assert answer.answers[0].entry_id == "parcel-tracking"
-        await served[1].traffic.settle()
-        assert log.failed > failed and log.pending == 1  # counted, kept for a retry
+        await served[1].traffic.settle()  # one flush fails, the next writes the row
+        row = await logged(served, answer.request_id)
     finally:
         log.client = real
-    row = await logged(served, answer.request_id)  # the retry writes it
+    assert log.failed == failed + 1 and log.dropped == dropped  # counted, not lost
     assert row is not None and row.outcome == "answered"
     assert np.isclose(np.linalg.norm(row.vector), 1.0, atol=1e-3)
+
+    from prometheus_client import generate_latest
+    from supportqa_server.api.metrics import Metrics
+
+    metrics, on_batch = Metrics(), served[1].models.on_batch
+    metrics.watch(served[1])
+    served[1].models.on_batch = on_batch
+    text = generate_latest(metrics.registry).decode()
+    found = dict(re.findall(r'supportqa_question_log_rows_total\{result="(\w+)"\} (\S+)', text))
+    assert float(found["failed"]) == log.failed > 0 and float(found["written"]) == log.written
+    assert float(found["dropped"]) == 0
 
 
 async def test_with_the_question_log_off_feedback_and_suggest_say_so(tmp_path):

@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -q -e '.[server,dev]'
+	# silero-vad for its ONNX model only: its own wrapper imports torchaudio, a second torch
+	# build (speech/vad.py reads the model file itself).
+	$(BIN)/pip install -q --no-deps silero-vad==6.2.0
 	touch $(STAMP)
 
 system-deps:

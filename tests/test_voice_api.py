@@ -284,3 +284,70 @@ async def test_a_phone_line_in_mulaw_at_8khz_is_answered(vclient):
     assert answers and answers[0].entry_id == "card-lost", events
     one_shot = await vclient.ask(audio=ulaw, audio_format="mulaw", sample_rate_hz=8000)
     assert one_shot.answers[0].entry_id == "card-lost"
+
+
+def _mulaw_call(questions: list[str], gap_s: float = 1.0) -> list[bytes]:
+    """A phone call: each question spoken, resampled to 8 kHz, then gap_s of line silence,
+    all as G.711 mu-law in 20 ms frames, as a telephony gateway streams it."""
+    import warnings
+
+    import soxr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        audioop = pytest.importorskip("audioop")  # the encoder the gateway stands in for
+    ulaw = b""
+    for q in questions:
+        samples, rate = sf.read(io.BytesIO(speak(q)), dtype="float32")
+        phone = soxr.resample(samples, rate, 8000)
+        ulaw += audioop.lin2ulaw((np.clip(phone, -1, 1) * 32767).astype("<i2").tobytes(), 2)
+        ulaw += b"\xff" * int(8000 * gap_s)  # mu-law's zero is 0xFF
+    return [ulaw[i : i + 160] for i in range(0, len(ulaw), 160)]
+
+
+async def test_a_whole_call_answers_every_turn_without_end_of_utterance(vclient):
+    """Three questions in one mu-law Converse stream, found by the VAD: per turn
+    SpeechStarted, Accepted, the final transcript, an answer and Done(turn)."""
+    asked = [("I have lost my card and I can't find it", "card-lost"),
+             ("How do I close my account for good", "account-close"),
+             ("Someone stole my debit card", "card-stolen")]
+    frames = _mulaw_call([q for q, _ in asked])
+
+    async def requests():
+        cfg = pb.ConverseConfig(question=pb.Question(), format=pb.AUDIO_FORMAT_MULAW,
+                                sample_rate_hz=8000, whole_call=True)
+        yield pb.ConverseRequest(config=cfg)
+        for frame in frames:
+            yield pb.ConverseRequest(audio_chunk=frame)
+            await asyncio.sleep(0.005)  # 4x faster than the line: a call arrives over time
+
+    events = [ev async for ev in vclient.converse(requests(), timeout=120)]
+    started = [e for e in events if isinstance(e, pb.SpeechStarted)]
+    assert [e.turn for e in started] == [0, 1, 2], events
+    assert started[0].at_ms < started[1].at_ms < started[2].at_ms
+    finals = [e.text.lower() for e in events if isinstance(e, pb.Transcript) and e.final]
+    assert len(finals) == 3 and "card" in finals[0] and "account" in finals[1], finals
+    assert [e.turn for e in events if isinstance(e, pb.Done)] == [0, 1, 2]
+    assert len({e.request_id for e in events if isinstance(e, pb.Accepted)}) == 3
+    # each turn's events lie between its SpeechStarted and its Done
+    turns, current = [], None
+    for e in events:
+        if isinstance(e, pb.SpeechStarted):
+            current = []
+        elif isinstance(e, pb.Done):
+            turns.append(current)
+        elif isinstance(e, pb.Answer) and e.rank == 1:
+            current.append(e.entry_id)
+    assert [t[:1] for t in turns] == [[entry] for _, entry in asked], turns
+
+
+async def test_a_whole_call_needs_raw_audio(vclient):
+    async def requests():
+        yield pb.ConverseRequest(config=pb.ConverseConfig(
+            question=pb.Question(), format=pb.AUDIO_FORMAT_WAV, whole_call=True))
+        yield pb.ConverseRequest(audio_chunk=b"RIFF")
+
+    with pytest.raises(SupportQAError) as e:
+        [ev async for ev in vclient.converse(requests(), timeout=30)]
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw audio" in e.value.details

@@ -1,5 +1,6 @@
 """Streamed speech (the Converse rpc): audio chunks buffered within budgets, partial
-transcripts, the end of an utterance, then the answer flow of the pipeline."""
+transcripts, the end of an utterance, then the answer flow of the pipeline. A whole call of
+many turns goes to calls.py."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ async def converse(
             "chunks need 8000..48000 (8000 on a phone line)"
         )
     req = replace(p.check(first.request, audio_expected=True), timeout=timeout)
+    if first.whole_call:
+        from supportqa_server.answering.calls import converse_call
+
+        async for ev in converse_call(p, first, req, receive):
+            yield ev
+        return
     s = p.settings
     # The most one utterance may buffer: max_audio_seconds of PCM16, and for every format
     # the per-stream budget.
@@ -136,12 +143,13 @@ async def _receive_utterance(p, receive, first: ConverseStart, req: AskRequest,
                 break
             if partial is None and len(buf) - partial_at >= bytes_per_s * s.partial_seconds:
                 partial_at = len(buf)
-                partial = asyncio.create_task(_partial(p, samples, req))
+                partial = asyncio.create_task(partial_transcript(p, samples, req))
     finally:
         if partial is not None:
             partial.cancel()
 
-async def _partial(p, samples: np.ndarray, req: AskRequest):
+async def partial_transcript(p, samples: np.ndarray, req: AskRequest):
+    """The transcript of the audio so far, None when it fails (best effort)."""
     try:
         return await p.models.submit(
             SPEECH, (samples, req.language, req.knowledge_base), req.timeout

@@ -50,6 +50,7 @@ from supportqa_server.answering.types import (  # noqa: F401 - the answering API
     ImageInput,
     ImageText,
     NoAnswer,
+    SpeechStarted,
     Timings,
     Transcript,
     UpsertResult,

@@ -98,6 +98,15 @@ class Timings:
 @dataclass(frozen=True)
 class Done:
     timings: Timings
+    turn: int = 0  # the turn it ends, in a whole-call Converse
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The caller began to speak (whole-call Converse)."""
+
+    turn: int
+    at_ms: int  # from the call's first audio
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class Clarify:
     options: tuple[tuple[str, str, float], ...]  # (entry id, title, confidence), best first
 
 
-Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Clarify | Done
+Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Clarify | SpeechStarted | Done
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ class ConverseStart:
     sample_rate_hz: int = 16000
     channels: int = 1
     end_silence_ms: int = 0  # 0: wait for EndOfUtterance or the end of the stream
+    whole_call: bool = False  # a call of many turns, found by the VAD
 
 
 @dataclass(frozen=True)

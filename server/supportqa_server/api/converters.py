@@ -106,7 +106,10 @@ def event(ev: p.Event) -> pb.AnswerEvent:
         case p.Clarify():
             return pb.AnswerEvent(clarify=clarify(ev))
         case p.Done():
-            return pb.AnswerEvent(done=pb.Done(timings=timings(ev.timings)))
+            return pb.AnswerEvent(done=pb.Done(timings=timings(ev.timings), turn=ev.turn))
+        case p.SpeechStarted():
+            return pb.AnswerEvent(speech_started=pb.SpeechStarted(turn=ev.turn,
+                                                                  at_ms=ev.at_ms))
     raise TypeError(f"unknown event {ev!r}")
 
 
@@ -156,6 +159,7 @@ def converse_message(m: pb.ConverseRequest) -> p.ConverseMessage:
             sample_rate_hz=c.sample_rate_hz,
             channels=c.channels,
             end_silence_ms=c.end_silence_ms,
+            whole_call=c.whole_call,
         )
     if kind == "audio_chunk":
         return bytes(m.audio_chunk)

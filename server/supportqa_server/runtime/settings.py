@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     """How long a Whisper batch waits to fill, once callers are concurrent."""
     ocr_max_batch: int = 4
     """Images per OCR call."""
+    turn_silence_ms: int = Field(700, ge=100, le=10_000)
+    """In a whole-call Converse, a caller's turn ends after this much non-speech (ms) unless
+    the call's ConverseConfig.end_silence_ms says otherwise."""
     partial_seconds: float = 2.0
     """Converse: a partial transcript per this much new PCM audio, in seconds."""
     torch_threads: int = 0

@@ -316,3 +316,27 @@ def speech_end(
     last = int(np.flatnonzero(loud)[-1])
     trailing = (levels.size - 1 - last) * FRAME_MS
     return trailing >= silence_ms and int(loud.sum()) * FRAME_MS >= min_speech_ms
+
+
+class RawStream:
+    """A call's raw audio (a RAW_BYTES format) as it arrives, to 16 kHz mono float32:
+    partial sample frames wait for their rest, and one streaming resampler carries across
+    chunks (resampling each 20 ms chunk alone would click at every chunk's edges)."""
+
+    def __init__(self, fmt: str, sample_rate_hz: int, channels: int = 0) -> None:
+        _decode_raw(b"", fmt, sample_rate_hz, channels)  # InvalidInput for a bad rate/layout
+        self.fmt, self.rate, self.channels = fmt, sample_rate_hz, channels or 1
+        self._frame = RAW_BYTES[fmt] * self.channels  # bytes per sample frame
+        self._rest = b""
+        self._resampler = (soxr.ResampleStream(sample_rate_hz, SAMPLE_RATE, 1, "float32")
+                           if sample_rate_hz != SAMPLE_RATE else None)
+
+    def feed(self, data: bytes) -> np.ndarray:
+        """The 16 kHz samples the chunk completes (possibly none)."""
+        data = self._rest + data
+        whole = len(data) - len(data) % self._frame
+        self._rest = data[whole:]
+        samples, _ = _decode_raw(data[:whole], self.fmt, self.rate, self.channels)
+        mono = samples.mean(axis=1, dtype=np.float32) if self.channels > 1 else samples[:, 0]
+        mono = np.ascontiguousarray(mono, dtype=np.float32)
+        return self._resampler.resample_chunk(mono) if self._resampler else mono

@@ -137,7 +137,9 @@ class RecordingPipeline(FakePipeline):
         self.traffic, self.trips = self, []
 
     def record(self, trip) -> None:
-        self.trips.append(trip)
+        import copy
+
+        self.trips.append(copy.copy(trip))  # as Traffic.record, read now: the next turn reuses it
 
     async def ask(self, req: p.AskRequest):
         import asyncio
@@ -163,6 +165,12 @@ class RecordingPipeline(FakePipeline):
         traffic.searched("my card is lost", 1.0, np.zeros(2, np.float32))
         yield p.NoAnswer("no confident answer", 0.2, 0.5)
         yield p.Done(p.Timings())
+        yield p.Accepted("cid2")  # a whole call's next turn
+        yield p.Transcript("and my pin", "en", True)
+        traffic.searched("and my pin", 1.0, np.ones(2, np.float32))
+        traffic.searched("my card is lost and my pin", 1.0, np.ones(2, np.float32))
+        yield p.Answer(1, EntryData(id="pin", answer="A", title="T"), 0.8, ("dense",), "t")
+        yield p.Done(p.Timings())
 
 
 async def test_each_answered_question_reaches_the_question_log_with_its_conversation():
@@ -182,7 +190,7 @@ async def test_each_answered_question_reaches_the_question_log_with_its_conversa
                                            pb.ConverseRequest(end=pb.EndOfUtterance())])]
     finally:
         await app.stop(0)
-    typed, streamed, spoken = pipeline.trips
+    typed, streamed, spoken, follow_up = pipeline.trips
     assert (typed.knowledge_base, typed.text, typed.conversation_id, typed.request_id) == (
         "kb", "card lost", "c-1", "rid")
     assert typed.done and typed.outcome == "answered" and typed.top == [("e", 0.9)]
@@ -192,3 +200,6 @@ async def test_each_answered_question_reaches_the_question_log_with_its_conversa
     assert (spoken.knowledge_base, spoken.conversation_id, spoken.request_id) == (
         "kb", "call-7", "cid")
     assert spoken.outcome == "no_answer" and spoken.question()[0] == "my card is lost"
+    assert (follow_up.conversation_id, follow_up.request_id, follow_up.outcome) == (
+        "call-7", "cid2", "answered")
+    assert follow_up.top == [("pin", 0.8)] and follow_up.question()[0] == "and my pin"

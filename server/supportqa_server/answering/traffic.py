@@ -76,6 +76,13 @@ class Trip:
         elif isinstance(ev, getattr(types, "Clarify", ())):  # sent before the answers
             self.outcome = CLARIFY
 
+    def next_turn(self) -> None:
+        """Forgets the question just recorded, keeping the knowledge base and conversation:
+        a whole-call Converse asks one question a turn, each logged on its own."""
+        self.text = self.request_id = self.transcript = self.outcome = ""
+        self.top, self.searched = [], []
+        self.best_score, self.done = 0.0, False
+
     def question(self) -> tuple[str, np.ndarray] | None:
         """The text to log and its vector as searched: the typed text, else the transcript,
         else the text read from the image with the most weight; None when no text was

@@ -32,15 +32,19 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 
 async def _observed(events, trip: traffic.Trip | None = None, pipeline=None):
-    """The events, seen by the request log and the question's trip; a complete trip goes to
-    the question log (never waiting, never failing the answer)."""
+    """The events, seen by the request log and the question's trip; at each Done the trip
+    goes to the question log (never waiting, never failing the answer), and the next turn of
+    a whole-call Converse starts a fresh one."""
+    log = getattr(pipeline, "traffic", None)
     async for ev in events:
         observe.saw(ev)
         if trip is not None:
             trip.saw(ev)
+            if trip.done:
+                if log is not None:
+                    log.record(trip)
+                trip.next_turn()
         yield ev
-    if trip is not None and getattr(pipeline, "traffic", None) is not None:
-        pipeline.traffic.record(trip)
 
 
 class AnsweringServicer(pb_grpc.AnsweringServicer):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from supportqa_server.answering.calibration import (
     GRID,
     MIN_HELD_OUT,

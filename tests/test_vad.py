@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-
 from supportqa_server.answering.calls import _answer_turn
 from supportqa_server.answering.types import AskRequest, Done, NoAnswer, Timings, Transcript
 from supportqa_server.speech.audio import RawStream, raw_samples

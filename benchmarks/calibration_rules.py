@@ -8,6 +8,7 @@ Usage: python benchmarks/calibration_rules.py        (cached vectors as tune_ran
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 from pathlib import Path
@@ -88,6 +89,7 @@ def rules(fold, loeo, pool) -> dict[str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
     from supportqa_server.answering.rank import RankOptions
     from supportqa_server.runtime.settings import Settings
     from supportqa_tools.evaluation import read_examples

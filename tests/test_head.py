@@ -166,11 +166,21 @@ def test_head_reorders_close_entries_but_leaves_confidence_alone():
     dense = hits([("a", 0.62), ("b", 0.60), ("a", 0.60), ("b", 0.58)])
     plain = rank(dense, [], dataclasses.replace(SHIPPED, head_weight=0.0))
     assert [r.entry_id for r in plain] == ["a", "b"]
-    with_head = rank(dense, [], SHIPPED, head={"b": 0.8, "a": 0.1, "zzz": 0.1})
+    head = {"b": 0.8, "a": 0.1, "zzz": 0.1}
+    ordering_only = dataclasses.replace(SHIPPED, head_confidence=0.0)
+    with_head = rank(dense, [], ordering_only, head=head)
     assert [r.entry_id for r in with_head] == ["b", "a"]
-    # The confidence (threshold side) is still the mean cosine; an entry retrieval did not
-    # find ("zzz") is not added.
+    # Without head_confidence the confidence (threshold side) is still the mean cosine; an
+    # entry retrieval did not find ("zzz") is not added.
     assert {r.entry_id: r.score for r in with_head} == {r.entry_id: r.score for r in plain}
+    # With it (shipped: 0.3) the head's probability joins the confidence: (cos + w p) / (1 + w)
+    mixed = {r.entry_id: r.score for r in rank(dense, [], SHIPPED, head=head)}
+    cos = {r.entry_id: r.score for r in plain}
+    w = SHIPPED.head_confidence
+    assert w > 0 and set(mixed) == {"a", "b"}
+    for e in ("a", "b"):
+        assert mixed[e] == pytest.approx((cos[e] + w * head[e]) / (1 + w))
+    assert mixed["b"] > cos["b"] and mixed["a"] < cos["a"]
     # A head cannot lift an entry past a clear retrieval winner at weight 0.5.
     far = rank(hits([("a", 0.9), ("b", 0.4)]), [], SHIPPED, head={"b": 0.7, "a": 0.3})
     assert far[0].entry_id == "a"
@@ -206,7 +216,10 @@ def test_transcripts_rank_with_their_own_head_weight():
     assert p.rank_options.head_weight == 0.5
     assert p.heard_rank_options.head_weight == 0.1
     assert p.kbs.head_on
-    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0)).kbs.head_on
+    assert not Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0,
+                                 head_confidence=0.0)).kbs.head_on
+    # the head's probability in the confidence needs a head even when nothing ranks by it
+    assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.0)).kbs.head_on
     assert Pipeline(Settings(head_weight=0.0, head_weight_voice=0.2)).kbs.head_on
 
 

@@ -212,6 +212,9 @@ async def test_metrics_count_each_answered_ask(prod, pki):
         for _ in range(n):
             await c.ask("I lost my card", knowledge_base="alpha")
         await c.ask("what is the capital of peru", knowledge_base="alpha", min_score=0.99)
+        from supportqa_tools.evaluation import wait_for_head
+
+        await wait_for_head(c, "alpha")  # one entry: the head turns "off" once it has looked
     after = _scrape(app.metrics_port)
     ok = {"grpc_method": "Ask", "grpc_code": "OK", "grpc_service": "supportqa.v1.Answering"}
     assert (_value(after, "grpc_server_handled_total", **ok)

@@ -127,3 +127,18 @@ async def test_without_context_the_no_answer_stands():
     assert [type(e).__name__ for e in events] == ["Transcript", "NoAnswer", "Done"]
     unrelated = await _turn("what is the weather")
     assert isinstance(unrelated[1], NoAnswer)
+
+
+def test_a_transcript_is_doubted_when_whisper_was_unsure_or_heard_no_speech():
+    from supportqa_server.speech.transcribe import Transcription
+
+    sure = Transcription("I lost my card", "en", no_speech_prob=0.01, avg_logprob=-0.2)
+    assert sure.confidence == pytest.approx(np.exp(-0.2))
+    assert sure.doubt(0.4) is None
+    unsure = Transcription("eye lost mike art", "en", no_speech_prob=0.1, avg_logprob=-1.5)
+    assert "confidence 0.22 is below 0.40" in unsure.doubt(0.4)
+    assert unsure.doubt(0.2) is None
+    silence = Transcription("you", "en", no_speech_prob=0.9, avg_logprob=-1.2)
+    assert "no speech" in silence.doubt(0.0)
+    assert "nothing was recognised" in Transcription("", "en").doubt(0.4)
+    assert Transcription("text", "en").doubt(0.4) is None  # confidence unknown: no doubt

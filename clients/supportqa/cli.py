@@ -56,6 +56,9 @@ def _ask(args: argparse.Namespace, client: SupportClient) -> int:
         print(f"heard: {result.transcript.text!r} ({result.transcript.language})")
     if result.HasField("image_text") and result.image_text.lines:
         print("read: " + " / ".join(line.text for line in result.image_text.lines))
+    if result.HasField("not_heard"):
+        print(f"not heard: {result.not_heard.reason}")
+        return 0
     if result.HasField("no_answer"):
         print(result.no_answer.reason)  # "no confident answer: ..." from the server
         return 0

@@ -37,7 +37,7 @@ def audio_format_of(path: str | Path) -> str:
     return fmt if fmt in AUDIO_FORMATS else ""
 
 Event = (pb.Accepted | pb.Transcript | pb.ImageText | pb.Answer | pb.NoAnswer | pb.Clarify
-         | pb.SpeechStarted | pb.Done)
+         | pb.NotHeard | pb.SpeechStarted | pb.Done)
 
 
 class SupportQAError(Exception):

@@ -197,14 +197,24 @@ class Accepted(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class Transcript(_message.Message):
-    __slots__ = ("text", "language", "final")
+    __slots__ = ("text", "language", "final", "confidence")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     text: str
     language: str
     final: bool
-    def __init__(self, text: _Optional[str] = ..., language: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+    confidence: float
+    def __init__(self, text: _Optional[str] = ..., language: _Optional[str] = ..., final: _Optional[bool] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class NotHeard(_message.Message):
+    __slots__ = ("reason", "confidence")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    confidence: float
+    def __init__(self, reason: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class TextLine(_message.Message):
     __slots__ = ("text", "confidence")
@@ -255,7 +265,7 @@ class SpeechStarted(_message.Message):
     def __init__(self, turn: _Optional[int] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class AnswerEvent(_message.Message):
-    __slots__ = ("accepted", "transcript", "image_text", "answer", "no_answer", "done", "clarify", "speech_started")
+    __slots__ = ("accepted", "transcript", "image_text", "answer", "no_answer", "done", "clarify", "speech_started", "not_heard")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +274,7 @@ class AnswerEvent(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     CLARIFY_FIELD_NUMBER: _ClassVar[int]
     SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    NOT_HEARD_FIELD_NUMBER: _ClassVar[int]
     accepted: Accepted
     transcript: Transcript
     image_text: ImageText
@@ -272,10 +283,11 @@ class AnswerEvent(_message.Message):
     done: Done
     clarify: Clarify
     speech_started: SpeechStarted
-    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ...) -> None: ...
+    not_heard: NotHeard
+    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., not_heard: _Optional[_Union[NotHeard, _Mapping]] = ...) -> None: ...
 
 class AnswerSet(_message.Message):
-    __slots__ = ("request_id", "answers", "no_answer", "transcript", "image_text", "timings", "clarify")
+    __slots__ = ("request_id", "answers", "no_answer", "transcript", "image_text", "timings", "clarify", "not_heard")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
     NO_ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +295,7 @@ class AnswerSet(_message.Message):
     IMAGE_TEXT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     CLARIFY_FIELD_NUMBER: _ClassVar[int]
+    NOT_HEARD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answers: _containers.RepeatedCompositeFieldContainer[Answer]
     no_answer: NoAnswer
@@ -290,7 +303,8 @@ class AnswerSet(_message.Message):
     image_text: ImageText
     timings: StageTimings
     clarify: Clarify
-    def __init__(self, request_id: _Optional[str] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ...) -> None: ...
+    not_heard: NotHeard
+    def __init__(self, request_id: _Optional[str] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., no_answer: _Optional[_Union[NoAnswer, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., image_text: _Optional[_Union[ImageText, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., clarify: _Optional[_Union[Clarify, _Mapping]] = ..., not_heard: _Optional[_Union[NotHeard, _Mapping]] = ...) -> None: ...
 
 class ConverseConfig(_message.Message):
     __slots__ = ("question", "format", "sample_rate_hz", "channels", "end_silence_ms", "whole_call")

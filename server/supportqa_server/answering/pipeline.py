@@ -50,6 +50,7 @@ from supportqa_server.answering.types import (  # noqa: F401 - the answering API
     ImageInput,
     ImageText,
     NoAnswer,
+    NotHeard,
     SpeechStarted,
     Timings,
     Transcript,
@@ -295,7 +296,14 @@ class Pipeline:
                 SPEECH, (utterance, req.language, req.knowledge_base), req.timeout
             )
             timings.transcribe_us += us_since(t0)
-            yield Transcript(heard.text, heard.language, True)
+            conf = heard.confidence
+            yield Transcript(heard.text, heard.language, True, 0.0 if conf != conf else conf)
+            doubt = heard.doubt(self.settings.speech_min_confidence)
+            if doubt and not req.text.strip() and req.image is None:
+                yield NotHeard(f"please repeat: {doubt}", 0.0 if conf != conf else conf)
+                timings.total_us = us_since(t_start)
+                yield Done(timings)
+                return
             if heard.text.strip():
                 queries.append(_Query(heard.text.strip(), heard=True))
         if req.image is not None:

@@ -22,6 +22,7 @@ from supportqa_server.knowledge.questions import (
     CLARIFY,
     FLUSH_S,
     NO_ANSWER,
+    NOT_HEARD,
     TOP_ANSWERS,
     Feedback,
     LoggedQuestion,
@@ -71,6 +72,8 @@ class Trip:
                 self.best_score, self.outcome = float(ev.score), self.outcome or ANSWERED
         elif isinstance(ev, NoAnswer):
             self.best_score, self.outcome = float(ev.best_score), NO_ANSWER
+        elif isinstance(ev, types.NotHeard):  # nothing to learn from: never a suggestion
+            self.outcome = NOT_HEARD
         elif isinstance(ev, Done):
             self.done = True
         elif isinstance(ev, getattr(types, "Clarify", ())):  # sent before the answers

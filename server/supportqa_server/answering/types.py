@@ -57,6 +57,15 @@ class Transcript:
     text: str
     language: str
     final: bool = True
+    confidence: float = 1.0  # the recogniser's, in [0, 1]
+
+
+@dataclass(frozen=True)
+class NotHeard:
+    """The audio was not understood well enough to answer: ask the caller to repeat."""
+
+    reason: str
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,8 @@ class Clarify:
     options: tuple[tuple[str, str, float], ...]  # (entry id, title, confidence), best first
 
 
-Event = Accepted | Transcript | ImageText | Answer | NoAnswer | Clarify | SpeechStarted | Done
+Event = (Accepted | Transcript | ImageText | Answer | NoAnswer | Clarify | NotHeard
+         | SpeechStarted | Done)
 
 
 @dataclass(frozen=True)

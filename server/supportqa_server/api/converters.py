@@ -75,7 +75,12 @@ def answer(a: p.Answer) -> pb.Answer:
 
 
 def transcript(t: p.Transcript) -> pb.Transcript:
-    return pb.Transcript(text=t.text, language=t.language, final=t.final)
+    return pb.Transcript(text=t.text, language=t.language, final=t.final,
+                         confidence=t.confidence)
+
+
+def not_heard(n: p.NotHeard) -> pb.NotHeard:
+    return pb.NotHeard(reason=n.reason, confidence=n.confidence)
 
 
 def image_text(t: p.ImageText) -> pb.ImageText:
@@ -105,6 +110,8 @@ def event(ev: p.Event) -> pb.AnswerEvent:
             return pb.AnswerEvent(no_answer=no_answer(ev))
         case p.Clarify():
             return pb.AnswerEvent(clarify=clarify(ev))
+        case p.NotHeard():
+            return pb.AnswerEvent(not_heard=not_heard(ev))
         case p.Done():
             return pb.AnswerEvent(done=pb.Done(timings=timings(ev.timings), turn=ev.turn))
         case p.SpeechStarted():
@@ -130,6 +137,8 @@ def fold(events: list[p.Event]) -> pb.AnswerSet:
                 out.no_answer.CopyFrom(no_answer(ev))
             case p.Clarify():
                 out.clarify.CopyFrom(clarify(ev))
+            case p.NotHeard():
+                out.not_heard.CopyFrom(not_heard(ev))
             case p.Done():
                 out.timings.CopyFrom(timings(ev.timings))
     return out

@@ -19,6 +19,7 @@ from supportqa_server.answering.types import (
     AskRequest,
     Done,
     NoAnswer,
+    NotHeard,
     Transcript,
 )
 from supportqa_server.api import auth
@@ -80,6 +81,8 @@ def saw(ev) -> None:
             call.outcome, call.top_score = "answered", ev.score
     elif isinstance(ev, NoAnswer):
         call.outcome, call.top_score = "no_answer", ev.best_score
+    elif isinstance(ev, NotHeard):
+        call.outcome = "not_heard"
     elif isinstance(ev, Done):
         call.timings_us = dataclasses.asdict(ev.timings)
 

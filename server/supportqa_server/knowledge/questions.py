@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = "_questions"
 ANSWERED, NO_ANSWER, CLARIFY = "answered", "no_answer", "clarify"  # a question's outcome
+NOT_HEARD = "not_heard"  # audio not understood: the caller was asked to repeat
 NO_FEEDBACK, HELPFUL, NOT_HELPFUL = 0, 1, 2  # the feedback field
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # as the pipeline makes them: uuid4().hex
 MAX_DOC_BYTES = 16384  # the row's JSON: top answers' ids (256 bytes each at most), feedback

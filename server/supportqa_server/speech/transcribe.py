@@ -46,6 +46,10 @@ MAX_TOKENS_PER_SECOND = 12  # (fast speech ~4 words/s, CJK ~3 tokens/character) 
 # repetition loop stops early instead of running to the 224-token decoder limit
 
 
+NO_SPEECH_PROB = 0.6  # whisper.transcribe's no_speech_threshold
+SILENCE_LOGPROB = -1.0  # whisper.transcribe's logprob_threshold
+
+
 @dataclass(frozen=True)
 class Transcription:
     """What was said in one utterance."""
@@ -53,6 +57,29 @@ class Transcription:
     text: str  # the transcript, stripped; "" when nothing was recognised
     language: str  # ISO 639-1 code, as given or detected; "en" for English-only models
     no_speech_prob: float = math.nan  # Whisper's probability that the utterance holds no speech
+    avg_logprob: float = math.nan  # mean log-probability per token of the decoded text
+
+    @property
+    def confidence(self) -> float:
+        """How sure the decoder was of the text, in [0, 1]: the geometric mean of its token
+        probabilities (exp of whisper's avg_logprob); NaN when unknown."""
+        return math.exp(self.avg_logprob) if not math.isnan(self.avg_logprob) else math.nan
+
+    def doubt(self, min_confidence: float) -> str | None:
+        """Why the text should not be answered ("please repeat"), None when it can be: nothing
+        recognised, a confidence under min_confidence, or what whisper.transcribe itself calls
+        silence (no-speech probability over 0.6 with avg_logprob under -1)."""
+        if not self.text.strip():
+            return "nothing was recognised in the audio"
+        conf = self.confidence
+        if math.isnan(conf):
+            return None
+        if self.no_speech_prob > NO_SPEECH_PROB and self.avg_logprob < SILENCE_LOGPROB:
+            return (f"the audio sounds like no speech (no-speech probability "
+                    f"{self.no_speech_prob:.2f})")
+        if conf < min_confidence:
+            return f"the transcript's confidence {conf:.2f} is below {min_confidence:.2f}"
+        return None
 
 
 def _device_name(device: str) -> str:
@@ -330,6 +357,7 @@ class SpeechRecognizer:
                     text=text.strip(),
                     language=r.language if self.multilingual else "en",
                     no_speech_prob=float(r.no_speech_prob),
+                    avg_logprob=float(r.avg_logprob),
                 )
             )
         return out
@@ -378,6 +406,8 @@ class SpeechRecognizer:
             no_speech_prob=float(
                 min((s["no_speech_prob"] for s in result["segments"]), default=math.nan)
             ),
+            avg_logprob=float(np.mean([s["avg_logprob"] for s in result["segments"]]))
+            if result["segments"] else math.nan,
         )
 
     def transcribe_batch(

@@ -138,7 +138,10 @@ def test_a_transcript_is_doubted_when_whisper_was_unsure_or_heard_no_speech():
     unsure = Transcription("eye lost mike art", "en", no_speech_prob=0.1, avg_logprob=-1.5)
     assert "confidence 0.22 is below 0.40" in unsure.doubt(0.4)
     assert unsure.doubt(0.2) is None
-    silence = Transcription("you", "en", no_speech_prob=0.9, avg_logprob=-1.2)
+    # tiny.en's "you" on a tone: no speech, and not sure enough to outweigh that
+    silence = Transcription("you", "en", no_speech_prob=0.9, avg_logprob=np.log(0.6))
     assert "no speech" in silence.doubt(0.0)
+    loud_and_clear = Transcription("press one", "en", no_speech_prob=0.9, avg_logprob=-0.1)
+    assert loud_and_clear.doubt(0.5) is None
     assert "nothing was recognised" in Transcription("", "en").doubt(0.4)
     assert Transcription("text", "en").doubt(0.4) is None  # confidence unknown: no doubt

@@ -351,3 +351,17 @@ async def test_a_whole_call_needs_raw_audio(vclient):
         [ev async for ev in vclient.converse(requests(), timeout=30)]
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "raw audio" in e.value.details
+
+
+async def test_noise_is_not_heard_and_gets_no_answer(vclient):
+    """Line noise is no question: NotHeard asks the caller to repeat, and no entry is
+    offered for whatever tiny.en made of it."""
+    noise = np.random.default_rng(0).normal(0, 0.1, 32000).astype(np.float32)
+    result = await vclient.ask(audio=_wav(noise), audio_format="wav")
+    assert result.HasField("not_heard"), result
+    assert "please repeat" in result.not_heard.reason
+    assert not result.answers and not result.HasField("no_answer")
+    assert 0 <= result.transcript.confidence < 1
+    spoken = await vclient.ask(audio=speak(SPOKEN[0][0]), audio_format="wav")
+    assert not spoken.HasField("not_heard")
+    assert spoken.transcript.confidence > 0.5

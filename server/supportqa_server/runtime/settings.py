@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     """How long a Whisper batch waits to fill, once callers are concurrent."""
     ocr_max_batch: int = 4
     """Images per OCR call."""
-    speech_min_confidence: float = Field(0.4, ge=0.0, le=1.0)
+    speech_min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     """A spoken question whose transcript's confidence (geometric mean of its token
     probabilities) is below this gets NotHeard ("please repeat") instead of answers."""
     turn_silence_ms: int = Field(700, ge=100, le=10_000)

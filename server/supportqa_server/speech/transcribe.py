@@ -47,7 +47,10 @@ MAX_TOKENS_PER_SECOND = 12  # (fast speech ~4 words/s, CJK ~3 tokens/character) 
 
 
 NO_SPEECH_PROB = 0.6  # whisper.transcribe's no_speech_threshold
-SILENCE_LOGPROB = -1.0  # whisper.transcribe's logprob_threshold
+# Over NO_SPEECH_PROB, a text is believed only at this confidence or more. whisper.transcribe
+# asks for avg_logprob under -1 (confidence 0.37) as well, but on tones, noise and Asterisk's
+# prompts tiny.en's "you" came with 0.53-0.75 and no-speech 0.88-0.93 (docs/decisions.md).
+NO_SPEECH_CONFIDENCE = 0.75
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,14 @@ class Transcription:
 
     def doubt(self, min_confidence: float) -> str | None:
         """Why the text should not be answered ("please repeat"), None when it can be: nothing
-        recognised, a confidence under min_confidence, or what whisper.transcribe itself calls
-        silence (no-speech probability over 0.6 with avg_logprob under -1)."""
+        recognised, a confidence under min_confidence, or a no-speech probability over 0.6
+        without a confidence of NO_SPEECH_CONFIDENCE."""
         if not self.text.strip():
             return "nothing was recognised in the audio"
         conf = self.confidence
         if math.isnan(conf):
             return None
-        if self.no_speech_prob > NO_SPEECH_PROB and self.avg_logprob < SILENCE_LOGPROB:
+        if self.no_speech_prob > NO_SPEECH_PROB and conf < NO_SPEECH_CONFIDENCE:
             return (f"the audio sounds like no speech (no-speech probability "
                     f"{self.no_speech_prob:.2f})")
         if conf < min_confidence:

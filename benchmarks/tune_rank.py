@@ -7,6 +7,7 @@ analyzer. The numbers this prints steer the choice; the reported ones come from
 
 Usage:
     python benchmarks/tune_rank.py banking77 [--model DIR] [--rows 200,1000] [--configs NAME,...]
+    python benchmarks/tune_rank.py banking77 --runtime onnx-int8 [--query-runtime torch]
     python benchmarks/tune_rank.py clinc150 [--model DIR]
     python benchmarks/tune_rank.py banking77 --lexical --head 10 --per-entry 4 \
         --grid '{f"w{w}": replace(S, head_weight=w) for w in (0, 0.5)}'   # the entry head
@@ -62,14 +63,23 @@ def load(name: str, seed: int = 13, kb_file: str = "", kb_splits=(), q_splits=()
     return entries, ds.queries, na
 
 
-def embed(texts: list[str], model: str, tag: str) -> np.ndarray:
+def embed(texts: list[str], model: str, tag: str, runtime: str = "torch") -> np.ndarray:
+    """Vectors of texts, cached per model, runtime (bench_encoder.make_encoder's names;
+    "torch": TextEncoder at SUPPORTQA_PRECISION auto) and texts."""
     from supportqa_server.runtime.encoder import TextEncoder
 
     key = hashlib.sha1(("\n".join(texts) + "\0" + model).encode()).hexdigest()[:16]
+    if runtime != "torch":
+        tag = f"{tag}-{runtime}"
     path = CACHE / f"{tag}-{key}.npy"
     if path.exists():
         return np.load(path)
-    enc = TextEncoder(model)
+    if runtime == "torch":
+        enc = TextEncoder(model)
+    else:
+        from bench_encoder import make_encoder  # benchmarks/, this script's folder
+
+        enc = make_encoder(runtime, model, CACHE / "onnx")
     t0 = time.perf_counter()
     vecs = enc.encode_sorted(texts)
     print(f"embedded {len(texts)} texts in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -105,15 +115,18 @@ class BM25:
 
 
 def prepare(name: str, model: str, max_rows: int, lexical: bool, head_c: float = 0.0,
-            per_entry: int = 0, head_words: bool = True):
+            per_entry: int = 0, head_words: bool = True, runtime: str = "torch",
+            query_runtime: str = ""):
     """Per query: (label, dense RowHits best first, lexical RowHits best first, entry head
     probabilities or None); with head_c, the head (head.py) is trained on the rows' vectors.
+    runtime embeds the rows, query_runtime (default the same) the questions: a knowledge base
+    written by one runtime and asked through another.
     per_entry > 0 keeps that many paraphrases of each entry (at random; its title and answer
     stay), as a knowledge base with fewer paraphrases would be."""
     entries, queries, na = load(name)
     rows = [(e.id, kind, text) for e in entries for kind, text in e.texts()]
     tag = f"{name}-{Path(model).name or 'minilm'}"
-    rv = embed([t for _, _, t in rows], model, tag + "-rows")
+    rv = embed([t for _, _, t in rows], model, tag + "-rows", runtime)
     if per_entry:
         rng = random.Random(per_entry)
         questions: dict[str, list[int]] = defaultdict(list)
@@ -124,7 +137,7 @@ def prepare(name: str, model: str, max_rows: int, lexical: bool, head_c: float =
                 for i in set(idx) - set(rng.sample(idx, per_entry))}
         keep = [i for i in range(len(rows)) if i not in drop]
         rows, rv = [rows[i] for i in keep], rv[keep]
-    qv = embed([q.text for q in queries], model, tag + "-queries")
+    qv = embed([q.text for q in queries], model, tag + "-queries", query_runtime or runtime)
     bm = BM25([t for _, _, t in rows]) if lexical else None
     hits = route_hits(rows, qv @ rv.T, [q.text for q in queries], bm, max_rows)
     heads = [None] * len(queries)
@@ -258,6 +271,11 @@ def main() -> None:
                    help="the head reads vectors only (before session 8)")
     p.add_argument("--per-entry", type=int, default=0,
                    help="keep this many paraphrases per entry in the knowledge base")
+    p.add_argument("--runtime", default="torch",
+                   help="encoder of the rows: torch, onnx-float32, onnx-int8, torch-int8 or a "
+                        "variant of benchmarks/bench_encoder.py")
+    p.add_argument("--query-runtime", default="", help="encoder of the questions; default "
+                   "--runtime's")
     args = p.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     grid: dict[str, RankOptions] = {}
@@ -295,7 +313,8 @@ def main() -> None:
         cost(args.dataset, args.model, args.cost, args.n, grid)
         return
     prepared, na = prepare(args.dataset, args.model, max(rows_list), args.lexical, args.head,
-                           args.per_entry, not args.no_head_words)
+                           args.per_entry, not args.no_head_words, args.runtime,
+                           args.query_runtime)
     for rows in rows_list:
         for name, opts in grid.items():
             res = evaluate(prepared, na, opts, rows, args.threshold)

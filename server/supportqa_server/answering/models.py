@@ -71,18 +71,23 @@ class Models:
     def load(self) -> None:
         """Loads every configured model (blocking; call it on the model thread)."""
         from supportqa_server.runtime.devices import configure_threads, resolve_device
-        from supportqa_server.runtime.encoder import TextEncoder
+        from supportqa_server.runtime.text_runtime import load_text_encoder
 
         s = self.settings
         configure_threads(s.torch_threads)
         self.device = resolve_device(s.device)
         t0 = time.perf_counter()
-        self.encoder = TextEncoder(s.text_model, self.device, s.precision, s.cache_dir)
-        log.info("text encoder %s on %s in %.1f s", self.encoder.model_name, self.device,
-                 time.perf_counter() - t0)
+        self.encoder = load_text_encoder(
+            s.text_model, self.device, s.precision, s.cache_dir, s.text_runtime,
+            s.torch_threads, ENCODE_CHUNK,
+        )
+        detail = dtype_name(self.encoder.dtype)
+        if self.encoder.runtime != "torch":
+            detail = f"{self.encoder.runtime} ({detail})"
+        log.info("text encoder %s on %s, %s, in %.1f s", self.encoder.model_name, self.device,
+                 detail, time.perf_counter() - t0)
         self.components.append(Component(
-            "text_encoder", self.encoder.model_name, self.device,
-            detail=dtype_name(self.encoder.dtype),
+            "text_encoder", self.encoder.model_name, self.device, detail=detail,
         ))
         self._load_speech()
         self._load_vision()

@@ -60,6 +60,7 @@ class TextEncoder:
                 f"cannot load text model {self.model_name!r}: give a local directory with "
                 "config.json, tokenizer and weights, or a hub id that is in the HF cache"
             ) from e
+        self.runtime = "torch"
         self.dtype = resolve_precision(precision, device)
         self._model.eval().to(device, self.dtype)
         self._torch = torch

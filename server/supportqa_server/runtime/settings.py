@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     """Folder of the Milvus Lite file (`milvus.db`); one server per folder (it is locked)."""
     cache_dir: Path = DEFAULT_CACHE_DIR
-    """Converted Whisper checkpoints and extracted text models, shared by every data folder."""
+    """Converted Whisper checkpoints, extracted text models and exported ONNX text encoders,
+    shared by every data folder."""
     milvus_uri: str = ""
     """Milvus standalone/cluster URI (`http://host:19530`); empty: Milvus Lite in data_dir."""
     milvus_token: str = ""
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
     text_model: str = ""
     """Sentence encoder: a local path or cached hub id; empty: the bundled all-MiniLM-L6-v2;
     `all-mpnet-base-v2`: the larger model of the `mpnet` extra."""
+    text_runtime: Literal["auto", "torch", "onnx-float32", "onnx-int8"] = "auto"
+    """What runs the sentence encoder: `torch`; `onnx-float32` or `onnx-int8` (onnxruntime on
+    the CPU; the graph is exported once into cache_dir); `auto`: torch off the CPU, and on the
+    CPU whichever of the three is fastest on this machine for the bundled MiniLM (timed once
+    per CPU and remembered in cache_dir); other models stay on torch."""
     speech_model: str = "tiny.en"
     """Whisper model: `tiny.en`, `base`, any openai-whisper name or `.pt` path; empty: voice off."""
     speech_trim: bool = True

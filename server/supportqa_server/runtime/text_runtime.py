@@ -1,0 +1,147 @@
+"""Which runtime runs the text encoder (SUPPORTQA_TEXT_RUNTIME), and the encoder it loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnx-float32", "onnx-int8")
+# Runtimes "auto" may pick on a CPU for the bundled MiniLM: those whose BANKING77 and CLINC150
+# accuracy stayed within 0.003 of torch float32's (int8: BANKING77 dev 0.9349 both, CLINC150
+# 0.9630 against 0.9640; docs/decisions.md, "The text encoder's runtime"). Other models were
+# not measured, so "auto" keeps them on torch.
+AUTO_CPU_CANDIDATES = ("torch", "onnx-float32", "onnx-int8")
+# What "auto" times on this CPU: one question at a time (a quiet server) and a full batch in
+# the server's chunks (a busy one), each weighed by the sentences it holds.
+TIMING_SINGLES = 16
+TIMING_BATCH = 64
+TIMING_TEXTS = (
+    "I lost my card", "how do I reset my pin?", "my top up failed",
+    "why was my card payment declined at the shop yesterday",
+    "How long does a transfer from abroad take to arrive in my account?",
+    "can I get a refund for a purchase I did not make",
+    "what are the fees for exchanging currencies on the weekend",
+    "the app says my identity verification failed, what do I do now?",
+)
+
+
+def load_text_encoder(model: str = "", device: str = "cpu", precision: str = "auto",
+                      cache_dir: Path | None = None, runtime: str = "auto", threads: int = 0,
+                      chunks: Mapping[str, int] | None = None):
+    """The text encoder for a runtime: TextEncoder (torch) or OnnxTextEncoder.
+
+    Args:
+        model, device, precision, cache_dir: as TextEncoder's.
+        runtime: one of RUNTIMES. "auto": torch off the CPU; on the CPU the fastest on this
+            machine of AUTO_CPU_CANDIDATES (bundled model only), timed once per CPU, model and
+            library versions and remembered under cache_dir.
+        threads: intra-op threads of onnxruntime; 0: every core.
+        chunks: texts per forward pass within a batch by the encoder's number format
+            ("float32", "bfloat16", "int8"), as the server runs its batches; default 16.
+
+    Raises:
+        ValueError: an unknown runtime, or an ONNX runtime asked for off the CPU.
+    """
+    from supportqa_server.runtime.encoder import TextEncoder
+    from supportqa_server.runtime.onnx_encoder import OnnxTextEncoder
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"text runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime.startswith("onnx") and device != "cpu":
+        raise ValueError(f"text runtime {runtime!r} runs on the CPU only; device is {device!r}:"
+                         " set SUPPORTQA_TEXT_RUNTIME=torch or SUPPORTQA_DEVICE=cpu")
+    if runtime == "auto":
+        if device != "cpu" or model or len(AUTO_CPU_CANDIDATES) == 1:
+            return load_text_encoder(model, device, precision, cache_dir, "torch", threads)
+        return _fastest(AUTO_CPU_CANDIDATES, model, precision, cache_dir, threads, chunks or {})
+    if runtime == "torch":
+        return TextEncoder(model, device, precision, cache_dir)
+    return OnnxTextEncoder(model, runtime, cache_dir, threads)
+
+
+def chunk_of(encoder, chunks: Mapping[str, int]) -> int:
+    """Texts per forward pass for this encoder's number format (16 if chunks has none)."""
+    return chunks.get(str(encoder.dtype).removeprefix("torch."), 16)
+
+
+def seconds_for(encoder, chunk: int) -> float:
+    """Seconds the encoder takes for TIMING_SINGLES lone questions and one TIMING_BATCH batch
+    in chunks of ``chunk`` (the best of 3 rounds, after a warm-up)."""
+    texts = [TIMING_TEXTS[i % len(TIMING_TEXTS)] for i in range(TIMING_BATCH)]
+    best = float("inf")
+    for _ in range(4):  # the first is the warm-up: kernels built, buffers allocated
+        t0 = time.perf_counter()
+        for i in range(TIMING_SINGLES):
+            encoder.encode([texts[i]])
+        encoder.encode_sorted(texts, chunk)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _cpu_key() -> str:
+    """This CPU as the kernels see it: model name and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return f"{fields.get('model name', '')}|{fields.get('flags', fields.get('Features', ''))}"
+
+
+def _choice_path(cache_dir: Path, candidates: tuple[str, ...], precision: str,
+                 threads: int, chunks: Mapping[str, int]) -> Path:
+    import onnxruntime
+    import torch
+
+    from supportqa_server.runtime.onnx_encoder import CONVERTER_VERSION, fingerprint, model_dir
+    from supportqa_server.runtime.text_models import bundled_text_model
+
+    key = json.dumps([_cpu_key(), len(os.sched_getaffinity(0)), threads, dict(chunks), precision,
+                      candidates, torch.__version__, onnxruntime.__version__,
+                      CONVERTER_VERSION, fingerprint(model_dir(bundled_text_model()))])
+    return cache_dir / "onnx-text" / f"choice-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _fastest(candidates: tuple[str, ...], model: str, precision: str,
+             cache_dir: Path | None, threads: int, chunks: Mapping[str, int]):
+    from supportqa_server.runtime.settings import DEFAULT_CACHE_DIR
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    path = _choice_path(cache_dir, candidates, precision, threads, chunks)
+    try:
+        chosen = json.loads(path.read_text())["runtime"]
+        if chosen in candidates:
+            log.info("text runtime %s (auto, timed on this CPU before: %s)", chosen, path)
+            return load_text_encoder(model, "cpu", precision, cache_dir, chosen, threads)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    timings: dict[str, float] = {}
+    best, best_s = None, float("inf")
+    for name in candidates:
+        encoder = load_text_encoder(model, "cpu", precision, cache_dir, name, threads)
+        timings[name] = seconds_for(encoder, chunk_of(encoder, chunks))
+        if timings[name] < best_s:
+            best, best_s = encoder, timings[name]
+        del encoder
+    chosen = min(timings, key=timings.get)
+    log.info("text runtime %s (auto): %s", chosen,
+             ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".choice-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"runtime": chosen, "seconds": timings, "cpu": _cpu_key()[:200]}, f)
+    os.replace(tmp, path)
+    return best

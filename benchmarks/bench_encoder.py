@@ -86,18 +86,19 @@ def make_encoder(name: str, model: str = "", cache_dir: Path | None = None):
 
 
 def cpu_model() -> tuple[str, str]:
-    """(model name from /proc/cpuinfo, the vector extensions it lists of FLAGS)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """(model name, family and model numbers from /proc/cpuinfo; the vector extensions it
+    lists of FLAGS)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == (platform.processor() or
-                                                        platform.machine()):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    flags = set(fields.get("flags", "").split())
     return name, " ".join(f for f in FLAGS if f in flags) or "none of " + ", ".join(FLAGS)
 
 
@@ -149,6 +150,7 @@ def main() -> int:
     texts = [texts[i] for i in np.random.default_rng(7).permutation(len(texts))]
     cpu, flags = cpu_model()
     print(f"CPU: {cpu} ({flags}); {os.cpu_count()} cores", flush=True)
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
@@ -195,6 +197,9 @@ def main() -> int:
         f"CPU: {cpu} ({flags}); {os.cpu_count()} cores; Python {platform.python_version()}, "
         f"torch {torch.__version__}, onnxruntime {ort_version()}; "
         f"date {time.strftime('%Y-%m-%d %H:%M')}  ",
+        f"Load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: on "
+        f"{os.cpu_count()} cores, anything above {os.cpu_count()} means other processes "
+        "shared them.  ",
         f"Texts: BANKING77 train questions, shuffled; {args.rounds} turns over the encoders, "
         f"{args.seconds:g} s per point each turn; medians; in brackets the ratio to torch "
         "float32 in the same run.",
@@ -218,7 +223,7 @@ def main() -> int:
         "(first 200 texts).",
         "",
         "| encoder | cosine mean | cosine min | cosine p1 | alone/batched mean | alone/batched "
-        "min | load (s, graph built) |",
+        "min | load (s) |",
         "|---|---|---|---|---|---|---|",
         *[f"| {n} | {c.mean():.4f} | {c.min():.4f} | {np.percentile(c, 1):.4f} | "
           f"{alone[n].mean():.4f} | {alone[n].min():.4f} | {load_s[n]:.1f} |"

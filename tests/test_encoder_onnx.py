@@ -181,9 +181,10 @@ def test_auto_times_the_candidates_once_per_cpu(monkeypatch, tmp_path):
     real_load = text_runtime.load_text_encoder
     monkeypatch.setattr(text_runtime, "load_text_encoder", fake_load)
     monkeypatch.setattr(text_runtime, "seconds_for", lambda enc, chunk: timed.append(
-        enc.runtime) or {"torch": 2.0, "onnx-float32": 1.0}[enc.runtime])
+        enc.runtime) or {"torch": 2.0, "onnx-float32": 1.0, "onnx-int8": 1.5}[enc.runtime])
     chosen = fake_load(cache_dir=tmp_path, runtime="auto")
-    assert chosen.runtime == "onnx-float32" and sorted(timed) == ["onnx-float32", "torch"]
+    assert chosen.runtime == "onnx-float32"  # the fastest here, whatever the others' merits
+    assert sorted(timed) == ["onnx-float32", "onnx-int8", "torch"]
     assert len(list((tmp_path / "onnx-text").glob("choice-*.json"))) == 1
     loaded.clear(), timed.clear()
     assert fake_load(cache_dir=tmp_path, runtime="auto").runtime == "onnx-float32"
@@ -192,3 +193,24 @@ def test_auto_times_the_candidates_once_per_cpu(monkeypatch, tmp_path):
     assert fake_load(model="/some/model", cache_dir=tmp_path).runtime == "torch"
     assert fake_load(device="cuda:0", cache_dir=tmp_path).runtime == "torch"
     assert timed == []
+
+
+def test_auto_serves_with_what_loads(monkeypatch, tmp_path):
+    """An ONNX graph that cannot be built here (a newer transformers, no onnx) leaves auto
+    with the other runtimes, not a server that does not start."""
+    real_load = text_runtime.load_text_encoder
+
+    def fake_load(model="", device="cpu", precision="auto", cache_dir=None, runtime="auto",
+                  threads=0, chunks=None):
+        if runtime == "auto":
+            return real_load(model, device, precision, cache_dir, runtime, threads, chunks)
+        if runtime.startswith("onnx"):
+            raise RuntimeError("the exported graph's vectors differ from torch's")
+        return _Fake(runtime)
+
+    monkeypatch.setattr(text_runtime, "load_text_encoder", fake_load)
+    monkeypatch.setattr(text_runtime, "seconds_for", lambda enc, chunk: 1.0)
+    assert fake_load(cache_dir=tmp_path).runtime == "torch"
+    (choice,) = (tmp_path / "onnx-text").glob("choice-*.json")
+    choice.write_text('{"runtime": "onnx-int8"}')  # remembered, and now failing
+    assert fake_load(cache_dir=tmp_path).runtime == "torch"

@@ -123,15 +123,26 @@ def _fastest(candidates: tuple[str, ...], model: str, precision: str,
     path = _choice_path(cache_dir, candidates, precision, threads, chunks)
     try:
         chosen = json.loads(path.read_text())["runtime"]
-        if chosen in candidates:
-            log.info("text runtime %s (auto, timed on this CPU before: %s)", chosen, path)
-            return load_text_encoder(model, "cpu", precision, cache_dir, chosen, threads)
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        chosen = None
+    if chosen in candidates:
+        log.info("text runtime %s (auto, timed on this CPU before: %s)", chosen, path)
+        try:
+            return load_text_encoder(model, "cpu", precision, cache_dir, chosen, threads)
+        except Exception as e:  # noqa: BLE001 - an ONNX graph that cannot be built here
+            if chosen == "torch":
+                raise
+            log.warning("text runtime %s failed to load (%s): timing the others", chosen, e)
     timings: dict[str, float] = {}
     best, best_s = None, float("inf")
     for name in candidates:
-        encoder = load_text_encoder(model, "cpu", precision, cache_dir, name, threads)
+        try:
+            encoder = load_text_encoder(model, "cpu", precision, cache_dir, name, threads)
+        except Exception as e:  # noqa: BLE001 - auto still serves with what loads
+            if name == "torch":
+                raise
+            log.warning("text runtime %s left out of auto: %s", name, e)
+            continue
         timings[name] = seconds_for(encoder, chunk_of(encoder, chunks))
         if timings[name] < best_s:
             best, best_s = encoder, timings[name]

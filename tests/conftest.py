@@ -64,7 +64,9 @@ async def text_server(text_settings):
     from supportqa_tools.evaluation import wait_for_head
 
     async with running_server(text_settings) as target:
-        async with AsyncSupportClient(target) as client:
+        # A generous deadline: on a loaded machine the ingest and the head's training and
+        # calibration beside it took over the client's default.
+        async with AsyncSupportClient(target, timeout=180) as client:
             summary = await client.upsert(read_entries(SAMPLE_KB))
             assert summary.written == summary.received > 40
             # Tests see the ranking a settled knowledge base gets: with its entry head.

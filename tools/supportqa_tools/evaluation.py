@@ -367,6 +367,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     asking.add_argument("--sweep-step", type=float, default=0.02, help="threshold grid spacing")
     parser.add_argument("--json-out", metavar="FILE", help="write the metrics as JSON")
+    from supportqa_tools.loop import add_loop_arguments
+
+    add_loop_arguments(parser)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -453,6 +456,10 @@ def eval_main(args: argparse.Namespace, *, client_factory: ClientFactory | None 
         return EXIT_BAD_INPUT
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if getattr(args, "loop", False):
+        from supportqa_tools.loop import loop_main
+
+        return loop_main(args, dataset, client_factory or _default_client_factory(args))
     faq = is_faq_file(Path(args.kb))
     entries = (faq_entries(read_faq(args.kb)[0], args.knowledge_base, args.kb_shape) if faq
                else build_entries(dataset.kb, args.knowledge_base))

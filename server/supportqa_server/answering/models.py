@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # Questions per encoder forward pass within one batch, on CPU, by precision: length-sorted
 # chunks pad less than one pass over the batch. 2 cores, BANKING77 questions, batch of 64:
 # float32 355/s at 16 (216/s at 64); bfloat16 712/s at 32, 700/s at 16, 645/s at 64.
-ENCODE_CHUNK = {"float32": 16, "bfloat16": 32}
+# onnxruntime int8 (AVX2): 217/s at 8, 191/s at 16, 167/s at 32 (docs/benchmarks/encoder.md).
+ENCODE_CHUNK = {"float32": 16, "bfloat16": 32, "int8": 8}
 WRITE_ENCODE_TEXTS = 32  # texts of a write embedded per model-thread job (one encode chunk)
 
 # Batcher names: also the names the logs and Stats use.

@@ -87,7 +87,7 @@ async def converse_call(p, first: ConverseStart, req: AskRequest,
                 return
             if not turns.in_turn:
                 continue
-            grown = len(turns.turn_audio()) * BYTES_PER_SAMPLE - held
+            grown = turns.turn_samples * BYTES_PER_SAMPLE - held
             if p.buffered_audio + grown > s.max_buffered_audio_bytes:
                 raise Overloaded(
                     f"this server holds {s.max_buffered_audio_bytes / 2**20:.0f} MiB of "
@@ -99,10 +99,11 @@ async def converse_call(p, first: ConverseStart, req: AskRequest,
                 heard, partial = partial.result(), None
                 if heard is not None and heard.text and turns.in_turn:
                     yield Transcript(heard.text, heard.language, False)
-            samples = turns.turn_audio()
-            if partial is None and len(samples) - partial_at >= 16000 * s.partial_seconds:
-                partial_at = len(samples)
-                partial = asyncio.create_task(partial_transcript(p, samples, req))
+            # the turn is joined only for a partial transcript, not for every 20 ms frame
+            n = turns.turn_samples
+            if partial is None and n - partial_at >= 16000 * s.partial_seconds:
+                partial_at = n
+                partial = asyncio.create_task(partial_transcript(p, turns.turn_audio(), req))
     finally:
         p.buffered_audio -= held
         if partial is not None:

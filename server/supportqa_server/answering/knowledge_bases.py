@@ -79,10 +79,11 @@ class KnowledgeBases:
         pinned = self.settings.pinned_threshold(kb)
         if pinned is not None:
             return pinned[0]
-        cal = self.state(kb).calibration if kb in self._states else None
+        st = self._states.get(kb)
+        cal = st.calibration if st is not None else None
         if cal is None:
             return self.settings.fallback_threshold
-        head = self._states[kb].head
+        head = st.head
         current = head is not None and self.store is not None and (
             head.revision == self.store.revision(kb))
         return cal.threshold if current else cal.threshold_cosine

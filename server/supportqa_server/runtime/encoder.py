@@ -28,7 +28,51 @@ def mean_pool(hidden, attention_mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-class TextEncoder:
+class SentenceEncoder:
+    """What every runtime of the sentence encoder shares: the tokenizer's padded batches
+    (PAD_TOKENS, padded_rows), the token count, length-sorted batching. A runtime sets
+    ``_tokenizer`` and ``dim`` and turns one padded batch into vectors (``_vectors``)."""
+
+    _tokenizer = None
+    _tensors = "np"  # the tokenizer's return_tensors for this runtime
+    dim: int
+
+    def count_tokens(self, text: str) -> int:
+        """Word pieces of a text, special tokens left out (what a passage's budget counts)."""
+        return len(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def _vectors(self, batch, n: int) -> np.ndarray:
+        """(n, dim) unit float32 vectors of the first n rows of a padded batch."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embeds texts.
+
+        Returns:
+            float32 array (N, dim), each row of unit length.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        n = len(texts)
+        batch = self._tokenizer(
+            list(texts) + [""] * (padded_rows(n) - n), padding=True, truncation=True,
+            max_length=MAX_TOKENS, pad_to_multiple_of=PAD_TOKENS, return_tensors=self._tensors,
+        )
+        return self._vectors(batch, n)
+
+    def encode_sorted(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embeds many texts in length-sorted batches (less padding); rows in input order."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.encode([texts[i] for i in idx])
+        return out
+
+
+class TextEncoder(SentenceEncoder):
     """A sentence encoder: mean pooling over the last hidden state, L2-normalised.
 
     Args:
@@ -38,6 +82,8 @@ class TextEncoder:
         precision: auto | float32 | bfloat16 | float16 (devices.resolve_precision).
         cache_dir: where a packaged model is extracted; default the server's.
     """
+
+    _tensors = "pt"
 
     def __init__(self, model: str = "", device: str = "cpu", precision: str = "auto",
                  cache_dir: Path | None = None) -> None:
@@ -66,36 +112,10 @@ class TextEncoder:
         self._torch = torch
         self.dim: int = int(self._model.config.hidden_size)
 
-    def count_tokens(self, text: str) -> int:
-        """Word pieces of a text, special tokens left out (what a passage's budget counts)."""
-        return len(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embeds texts.
-
-        Returns:
-            float32 array (N, dim), each row of unit length.
-        """
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+    def _vectors(self, batch, n: int) -> np.ndarray:
         torch = self._torch
-        n = len(texts)
-        batch = self._tokenizer(
-            list(texts) + [""] * (padded_rows(n) - n), padding=True, truncation=True,
-            max_length=MAX_TOKENS, pad_to_multiple_of=PAD_TOKENS, return_tensors="pt",
-        ).to(self.device)
+        batch = batch.to(self.device)
         with torch.inference_mode():
             pooled = mean_pool(self._model(**batch).last_hidden_state, batch["attention_mask"])
             pooled = torch.nn.functional.normalize(pooled[:n].float(), dim=-1)
         return pooled.cpu().numpy()
-
-    def encode_sorted(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Embeds many texts in length-sorted batches (less padding); rows in input order."""
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.encode([texts[i] for i in idx])
-        return out

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from supportqa_server.runtime.encoder import MAX_TOKENS, PAD_TOKENS, padded_rows
+from supportqa_server.runtime.encoder import SentenceEncoder
+from supportqa_server.runtime.text_models import file_sha256 as _sha256
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,6 @@ def cache_path(model: str, cache_dir: Path, recipe: Recipe) -> Path:
     name = directory.name if directory.name != "model" else directory.parent.name
     return (cache_dir / "onnx-text" / f"{name}-{fingerprint(directory)}-"
             f"ort{onnxruntime.__version__}-{recipe.name}-{recipe.key()}.onnx")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Texts the float32 graph must embed as torch does before it is cached: a padded batch of
@@ -287,7 +280,7 @@ def session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-class OnnxTextEncoder:
+class OnnxTextEncoder(SentenceEncoder):
     """The TextEncoder's contract (mean-pooled, L2-normalised float32 vectors (N, dim)) run
     by onnxruntime on the CPU.
 
@@ -327,34 +320,7 @@ class OnnxTextEncoder:
         self.dtype = "int8" if self.recipe.int8 else "float32"  # what the products compute in
         self.dim: int = int(self._session.get_outputs()[0].shape[-1])
 
-    def count_tokens(self, text: str) -> int:
-        """Word pieces of a text, special tokens left out (what a passage's budget counts)."""
-        return len(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embeds texts.
-
-        Returns:
-            float32 array (N, dim), each row of unit length.
-        """
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        n = len(texts)
-        batch = self._tokenizer(
-            list(texts) + [""] * (padded_rows(n) - n), padding=True, truncation=True,
-            max_length=MAX_TOKENS, pad_to_multiple_of=PAD_TOKENS, return_tensors="np",
-        )
+    def _vectors(self, batch, n: int) -> np.ndarray:
         feeds = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
         (vectors,) = self._session.run(["vectors"], feeds)  # (rows, dim), unit length
         return np.ascontiguousarray(vectors[:n], dtype=np.float32)
-
-    def encode_sorted(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Embeds many texts in length-sorted batches (less padding); rows in input order."""
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.encode([texts[i] for i in idx])
-        return out

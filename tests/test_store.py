@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from supportqa_server.errors import NotFound, WrongModel
-from supportqa_server.knowledge.store import EntryData, KnowledgeStore, key_of
+from supportqa_server.knowledge.store import READ_TRIES, EntryData, KnowledgeStore, key_of
 
 DIM = 8
 
@@ -349,3 +349,52 @@ def test_a_knowledge_base_of_the_layout_before_keys_is_moved_over(tmp_path):
     assert dense[0].entry_id == "card-lost" and dense[0].text == "Freeze it."
     assert not any(n.startswith("sqa_") for n in s.client.list_collections())
     s.close()
+
+
+@pytest.mark.parametrize("overlapping_writes", [1, READ_TRIES])  # the last: kept by merging
+def test_a_reread_overlapped_by_an_own_write_never_undoes_it(store, overlapping_writes):
+    """A replica's re-read of Milvus (refresh) that its own write overlaps may have been taken
+    before the write committed; what it read must not replace the newer entry in memory (two
+    replicas once both answered a round-2 version after their own round-4 writes)."""
+    first = EntryData(id="lost", title="Lost card", answer="round 0")
+    store.upsert("kb", [first], [vectors(first, 0)])
+    state = store._kb("kb")
+    scan, scans = store._scan_entries, []
+    written = {"n": 0}
+
+    def scan_then_write(st):
+        got = scan(st)  # read as Milvus has it now...
+        scans.append(got["lost"][1].answer)
+        if written["n"] < overlapping_writes:  # ...then this process commits a newer one
+            written["n"] += 1
+            e = EntryData(id="lost", title="Lost card", answer=f"round {written['n']}")
+            store.upsert("kb", [e], [vectors(e, 0)])
+        return got
+
+    store._scan_entries = scan_then_write
+    store._read_entries(state)
+    assert store.get("kb", "lost").answer == f"round {overlapping_writes}"
+    assert scans[0] == "round 0"  # the read that overlapped the write was the stale one
+    # Once no write overlaps, the re-read is Milvus's as it is, and forgets the pins.
+    store._scan_entries = scan
+    store._read_entries(state)
+    assert store.get("kb", "lost").answer == f"round {overlapping_writes}"
+    assert state.written_since(state.writes) == []
+
+
+def test_a_reread_overlapped_by_an_own_delete_keeps_the_entry_gone(store):
+    a = EntryData(id="a", title="alpha", answer="first")
+    store.upsert("kb", [a], [vectors(a, 0)])
+    state = store._kb("kb")
+    scan = store._scan_entries
+
+    def scan_then_delete(st):
+        got = scan(st)
+        store._scan_entries = scan
+        store.delete("kb", ["a"])
+        return got
+
+    store._scan_entries = scan_then_delete
+    store._read_entries(state)
+    with pytest.raises(NotFound):
+        store.get("kb", "a")

@@ -18,12 +18,13 @@ from supportqa_server.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Questions per encoder forward pass within one batch, on CPU, by precision: length-sorted
-# chunks pad less than one pass over the batch. 2 cores, BANKING77 questions, batch of 64:
-# float32 355/s at 16 (216/s at 64); bfloat16 712/s at 32, 700/s at 16, 645/s at 64.
-# onnxruntime int8 (AVX2): 217/s at 8, 191/s at 16, 167/s at 32 (docs/benchmarks/encoder.md).
+# Questions per encoder forward pass within one batch, on CPU, by precision, as "auto" times
+# the runtimes (the server's own passes are cut by a token budget tuned on the CPU:
+# text_runtime.tuned_token_budget). 2 cores, BANKING77 questions, batch of 64: float32 355/s
+# at 16 (216/s at 64); bfloat16 712/s at 32, 700/s at 16, 645/s at 64; onnxruntime int8
+# (AVX2): 217/s at 8, 191/s at 16, 167/s at 32 (docs/benchmarks/encoder.md).
 ENCODE_CHUNK = {"float32": 16, "bfloat16": 32, "int8": 8}
-WRITE_ENCODE_TEXTS = 32  # texts of a write embedded per model-thread job (one encode chunk)
+WRITE_ENCODE_TEXTS = 32  # texts of a write embedded per model-thread job
 
 # Batcher names: also the names the logs and Stats use.
 TEXT, SPEECH, OCR, IMAGE = "text encoder", "speech", "ocr", "image encoder"
@@ -59,6 +60,8 @@ class Models:
         self.settings = settings
         self.device = "cpu"
         self.encoder = None  # TextEncoder
+        # Padded tokens per text-encoder forward pass (CPU); 0: a batch in one pass (a GPU).
+        self.token_budget = 0
         self.speech = None  # SpeechRecognizer when voice is on
         self.reader = None  # TextReader when OCR is on
         self.image_encoder = None  # ImageEncoder when CLIP is configured
@@ -72,7 +75,7 @@ class Models:
     def load(self) -> None:
         """Loads every configured model (blocking; call it on the model thread)."""
         from supportqa_server.runtime.devices import configure_threads, resolve_device
-        from supportqa_server.runtime.text_runtime import load_text_encoder
+        from supportqa_server.runtime.text_runtime import load_text_encoder, tuned_token_budget
 
         s = self.settings
         configure_threads(s.torch_threads)
@@ -85,6 +88,10 @@ class Models:
         detail = dtype_name(self.encoder.dtype)
         if self.encoder.runtime != "torch":
             detail = f"{self.encoder.runtime} ({detail})"
+        if self.device == "cpu":
+            self.token_budget = s.text_token_budget or tuned_token_budget(
+                self.encoder, s.cache_dir, s.torch_threads)
+            detail += f", {self.token_budget} tokens a pass"
         log.info("text encoder %s on %s, %s, in %.1f s", self.encoder.model_name, self.device,
                  detail, time.perf_counter() - t0)
         self.components.append(Component(
@@ -193,11 +200,7 @@ class Models:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Question vectors (model thread). A GPU takes the whole batch in one pass."""
         assert self.encoder is not None
-        chunk = (
-            ENCODE_CHUNK.get(dtype_name(self.encoder.dtype), 16)
-            if self.device == "cpu" else max(1, len(texts))
-        )
-        return list(self.encoder.encode_sorted(texts, batch_size=chunk))
+        return list(self.encoder.encode_sorted(texts, len(texts), self.token_budget))
 
     def _transcribe_batch(self, items: list[tuple[np.ndarray, str, str]], speech_lm) -> list:
         """(audio, language, knowledge base) -> Transcription, or the exception of the item's
@@ -231,7 +234,8 @@ class Models:
         flat = [t for ts in texts for t in ts]
         vecs = np.concatenate([
             await loop.run_in_executor(
-                self.model_exec, self.encoder.encode_sorted, flat[i : i + WRITE_ENCODE_TEXTS])
+                self.model_exec, self.encoder.encode_sorted, flat[i : i + WRITE_ENCODE_TEXTS],
+                WRITE_ENCODE_TEXTS, self.token_budget)
             for i in range(0, len(flat), WRITE_ENCODE_TEXTS)
         ])
         return split_rows(vecs, [len(ts) for ts in texts])

@@ -22,6 +22,11 @@ class KBState:
     image_dim: int = 0  # the same for its CLIP vectors
     array_tags: bool = False  # tag keys kept as an ARRAY (else "|k1|k2|" text): layout.py
     published: int = 0  # the revision in supportqa_meta that ``committed`` reflects
+    # This process's own commits (upserts and deletes) so far: a re-read from Milvus that
+    # a commit overlapped may predate it, and must not replace it (store._read_entries).
+    writes: int = 0
+    # Entry id -> ``writes`` at this process's last commit of it, until a re-read covers it.
+    _written: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     # Row key -> (entry id, kind, text), or None for a stale row: filled by searches, valid
     # for one revision (a search's hits are keys; splitting and looking each up was half of
@@ -29,6 +34,18 @@ class KBState:
     _hit_rows: tuple[int, dict[str, tuple[str, str, str] | None]] = field(
         default_factory=lambda: (-1, {}), repr=False, compare=False
     )
+
+    def wrote(self, entry_ids) -> None:
+        """Records a commit of this process's (call it under ``lock``)."""
+        self.writes += 1
+        for entry_id in entry_ids:
+            self._written[entry_id] = self.writes
+
+    def written_since(self, writes: int) -> list[str]:
+        """Ids this process committed after its ``writes``-th commit; forgets the older ones
+        (a read begun after them has them). Call it under ``lock``."""
+        self._written = {i: w for i, w in self._written.items() if w > writes}
+        return list(self._written)
 
     @property
     def rows(self) -> int:

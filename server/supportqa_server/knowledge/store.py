@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 DEAD_ROW_AGE_S = 600.0
 POLL_TIMEOUT_S = 3  # a poll of supportqa_meta; longer and Milvus is reported down (s)
 LOAD_TIMEOUT_S = 10  # loading a collection again after an outage (s)
+READ_TRIES = 3  # re-reads of a knowledge base that this process's own writes overlapped
 
 
 
@@ -187,7 +188,31 @@ class KnowledgeStore(SearchMixin):
         self._kbs[kb] = state
 
     def _read_entries(self, state: KBState) -> None:
-        """Replaces ``committed`` with the entries in Milvus (the source of truth)."""
+        """Replaces ``committed`` with the entries in Milvus (the source of truth).
+
+        A read that one of this process's own writes overlapped may have been taken before
+        that write committed: it is read again (READ_TRIES times, then the entries this
+        process wrote meanwhile are kept over what the read found), so a replica never
+        answers with an entry older than one it wrote itself.
+        """
+        for attempt in range(READ_TRIES):
+            writes = state.writes
+            committed = self._scan_entries(state)
+            with state.lock:
+                if state.writes == writes or attempt == READ_TRIES - 1:
+                    for entry_id in state.written_since(writes):
+                        if entry_id in state.committed:
+                            committed[entry_id] = state.committed[entry_id]
+                        else:
+                            committed.pop(entry_id, None)
+                    state.revision += 1
+                    state.committed = committed
+                    state.ids = {key_of(i): i for i in committed}
+                    state.revision += 1
+                    return
+
+    def _scan_entries(self, state: KBState) -> dict[str, tuple[int, EntryData]]:
+        """The committed entries of a knowledge base as Milvus has them now."""
         committed: dict[str, tuple[int, EntryData]] = {}
         for batch in scan(self.client, entries_name(state.name), ["key", "version", "doc"],
                           pk="key"):
@@ -209,11 +234,7 @@ class KnowledgeStore(SearchMixin):
             for entry_id, (version, e) in committed.items():
                 if (key := key_of(entry_id)) in unread:
                     committed[entry_id] = (version, e.with_passage_texts(texts.get(key, {})))
-        with state.lock:
-            state.revision += 1
-            state.committed = committed
-            state.ids = {key_of(i): i for i in committed}
-            state.revision += 1
+        return committed
 
     def _kb(self, kb: str, *, create: bool = False, vectors: str = "") -> KBState:
         """A knowledge base's state. ``vectors`` ("text" or "image"): the caller writes or
@@ -366,6 +387,7 @@ class KnowledgeStore(SearchMixin):
             for e in entries:
                 state.committed[e.id] = (version, e)
                 state.ids[key_of(e.id)] = e.id
+            state.wrote(e.id for e in entries)
             state.revision += 1
             self._publish(kb, version)
             # Only the rows of the versions replaced: rows of another replica's write in
@@ -390,6 +412,7 @@ class KnowledgeStore(SearchMixin):
                 for x, k in zip(chunk, keys, strict=True):
                     state.committed.pop(x, None)
                     state.ids.pop(k, None)
+                state.wrote(chunk)
                 state.revision += 1
                 self._publish(kb, self._next_version())
                 self._deletes.later(kb, old)

@@ -60,16 +60,47 @@ class SentenceEncoder:
         )
         return self._vectors(batch, n)
 
-    def encode_sorted(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Embeds many texts in length-sorted batches (less padding); rows in input order."""
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Word pieces each text takes in a forward pass (special tokens in, truncated)."""
+        ids = self._tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS,
+                              verbose=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def encode_sorted(self, texts: list[str], batch_size: int = 64,
+                      token_budget: int = 0) -> np.ndarray:
+        """Embeds many texts in length-sorted batches (less padding); rows in input order.
+
+        Args:
+            batch_size: the most texts in one forward pass.
+            token_budget: if > 0, a forward pass also holds at most this many tokens as
+                padded (rows padded_rows(n) times the longest text rounded up to
+                PAD_TOKENS): short questions go many to a pass, long ones few, so each pass
+                costs about the same (token-budget batching). One text always fits.
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches_by_length(
+                self.token_counts(texts) if token_budget > 0 else [len(t) for t in texts],
+                batch_size, token_budget):
             out[idx] = self.encode([texts[i] for i in idx])
         return out
+
+
+def batches_by_length(lengths: list[int], batch_size: int, token_budget: int = 0
+                      ) -> list[list[int]]:
+    """Indices of texts cut into forward passes, shortest first: at most batch_size texts a
+    pass and, if token_budget > 0, at most token_budget padded tokens (see encode_sorted)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < batch_size and (
+                token_budget <= 0 or padded_rows(len(out[-1]) + 1)
+                * -(-lengths[i] // PAD_TOKENS) * PAD_TOKENS <= token_budget):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 class TextEncoder(SentenceEncoder):

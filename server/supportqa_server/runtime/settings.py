@@ -181,6 +181,11 @@ class Settings(BaseSettings):
     # Concurrency
     max_batch: int = 64
     """Questions per text/CLIP encoder call; 1 turns batching off."""
+    text_token_budget: int = Field(0, ge=0)
+    """On the CPU, the most padded tokens (texts times the longest, in word pieces) in one
+    forward pass of the text encoder: a batch is sorted by length and cut where the next text
+    would pass it. 0: the budget this CPU embeds a batch fastest at, measured at the first
+    start (a few seconds) and cached in SUPPORTQA_CACHE_DIR."""
     max_wait_ms: float = 0.0
     """How long a text/CLIP batch waits to fill; 0: batches fill with what queued meanwhile."""
     max_queue: int = 512

@@ -31,6 +31,10 @@ TIMING_TEXTS = (
     "what are the fees for exchanging currencies on the weekend",
     "the app says my identity verification failed, what do I do now?",
 )
+# Token budgets (padded tokens per forward pass) the CPU tuner tries: 128 is 8 questions of
+# 9-16 word pieces (BANKING77's median is 13), 2048 the whole batch of 64 at 32 tokens.
+TOKEN_BUDGETS = (128, 256, 512, 1024, 2048)
+BUDGET_TOLERANCE = 0.03  # of the fastest budget's time: within it, the smaller budget is kept
 
 
 def load_text_encoder(model: str = "", device: str = "cpu", precision: str = "auto",
@@ -65,6 +69,74 @@ def load_text_encoder(model: str = "", device: str = "cpu", precision: str = "au
     if runtime == "torch":
         return TextEncoder(model, device, precision, cache_dir)
     return OnnxTextEncoder(model, runtime, cache_dir, threads)
+
+
+def _cached_json(path: Path, measure):
+    """The JSON object cached at path, else measure() written there (atomically)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    got = measure()
+    _write_json(path, got)
+    return got
+
+
+def _write_json(path: Path, obj) -> None:
+    """Writes obj as JSON at path, whole or not at all (another server may read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".json-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def tuned_token_budget(encoder, cache_dir: Path | None = None, threads: int = 0,
+                       budgets: tuple[int, ...] = TOKEN_BUDGETS) -> int:
+    """Padded tokens per forward pass at which this encoder embeds a full batch of questions
+    fastest on this CPU: each of ``budgets`` timed on TIMING_BATCH questions of mixed length
+    (the best of 3 rounds, after a warm-up), the smallest within BUDGET_TOLERANCE of the
+    fastest kept (a smaller pass holds a question back less). Measured once per CPU, cores,
+    runtime and model, and remembered under cache_dir (seconds on a first start).
+    """
+    from supportqa_server.runtime.settings import DEFAULT_CACHE_DIR
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    key = json.dumps([_cpu_key(), len(os.sched_getaffinity(0)), threads, encoder.runtime,
+                      str(encoder.dtype), encoder.model_name, budgets, _versions()])
+    path = (cache_dir / "onnx-text" /
+            f"budget-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+    texts = [TIMING_TEXTS[i % len(TIMING_TEXTS)] for i in range(TIMING_BATCH)]
+
+    def measure():
+        seconds = {}
+        encoder.encode_sorted(texts, TIMING_BATCH, budgets[0])  # warm-up
+        for budget in budgets:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                encoder.encode_sorted(texts, TIMING_BATCH, budget)
+                best = min(best, time.perf_counter() - t0)
+            seconds[str(budget)] = best
+        fastest = min(seconds.values())
+        chosen = min(int(b) for b, t in seconds.items()
+                     if t <= fastest * (1 + BUDGET_TOLERANCE))
+        log.info("text encoder token budget %d on this CPU (ms per %d questions: %s)", chosen,
+                 TIMING_BATCH, ", ".join(f"{b} {1000 * t:.0f}" for b, t in seconds.items()))
+        return {"budget": chosen, "seconds": seconds, "cpu": _cpu_key()[:200]}
+
+    try:
+        return int(_cached_json(path, measure)["budget"])
+    except (KeyError, TypeError, ValueError):
+        path.unlink(missing_ok=True)
+        return int(_cached_json(path, measure)["budget"])
+
+
+def _versions() -> list[str]:
+    import onnxruntime
+    import torch
+
+    return [torch.__version__, onnxruntime.__version__]
 
 
 def chunk_of(encoder, chunks: Mapping[str, int]) -> int:
@@ -103,14 +175,11 @@ def _cpu_key() -> str:
 
 def _choice_path(cache_dir: Path, candidates: tuple[str, ...], precision: str,
                  threads: int, chunks: Mapping[str, int]) -> Path:
-    import onnxruntime
-    import torch
-
     from supportqa_server.runtime.onnx_encoder import CONVERTER_VERSION, fingerprint, model_dir
     from supportqa_server.runtime.text_models import bundled_text_model
 
     key = json.dumps([_cpu_key(), len(os.sched_getaffinity(0)), threads, dict(chunks), precision,
-                      candidates, torch.__version__, onnxruntime.__version__,
+                      candidates, *_versions(),
                       CONVERTER_VERSION, fingerprint(model_dir(bundled_text_model()))])
     return cache_dir / "onnx-text" / f"choice-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -150,9 +219,5 @@ def _fastest(candidates: tuple[str, ...], model: str, precision: str,
     chosen = min(timings, key=timings.get)
     log.info("text runtime %s (auto): %s", chosen,
              ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".choice-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"runtime": chosen, "seconds": timings, "cpu": _cpu_key()[:200]}, f)
-    os.replace(tmp, path)
+    _write_json(path, {"runtime": chosen, "seconds": timings, "cpu": _cpu_key()[:200]})
     return best

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_text import BANKING, BIN, ROOT, banking_entries, load, rss_mb, write_report  # noqa: E402
+from bench_text import BIN, ROOT, banking_entries, load, rss_mb, write_report  # noqa: E402
 
 HELD_OUT = 0.2  # of each intent's paraphrases, asked as the held-out questions
 SEED = 13

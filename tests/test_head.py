@@ -353,3 +353,17 @@ async def test_questions_ranked_with_the_head_fetch_fewer_rows(tmp_path, monkeyp
         assert limits == [(rows, 50)]
     finally:
         await p.close()
+
+
+def test_a_head_whose_fit_would_not_fit_in_memory_is_off():
+    from supportqa_server.answering.knowledge_bases import HEAD_MAX_LOGITS, head_off
+
+    def got(rows: int, entries: int):
+        return (1, [f"e{i % entries}" for i in range(rows)], None, None)
+
+    assert head_off(got(10_000, 77), 100_000) is None  # BANKING77-sized: trained
+    assert "fewer than 2 entries" in head_off(got(10, 1), 100_000)
+    assert "SUPPORTQA_HEAD_MAX_ROWS=100000" in head_off(None, 100_000)
+    big = head_off(got(100_000, 10_000), 200_000)  # a help centre of 10,000 entries
+    assert big is not None and "100000 rows x 10000 entries" in big and "4.0 GB" in big
+    assert 100_000 * 10_000 > HEAD_MAX_LOGITS >= 100_000 * 1_000

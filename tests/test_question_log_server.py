@@ -17,7 +17,7 @@ from supportqa_server.knowledge.questions import (
     QuestionLog,
 )
 from supportqa_server.knowledge.store import KnowledgeStore
-from test_replicas import KINDS, Milvus
+from supportqa_tools.milvus_server import KINDS, Milvus
 
 pytestmark = [pytest.mark.slow, pytest.mark.milvus_server]
 DIM = 8

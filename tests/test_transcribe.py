@@ -465,3 +465,26 @@ def test_shared_prior_attention_is_attention_over_all_positions(shared, per_clip
             cols = slice(h * d, (h + 1) * d)
             w = (q[row, :, cols] @ keys[:, cols].T * d**-0.5).softmax(-1)
             torch.testing.assert_close(out[row, :, cols], w @ values[:, cols])
+
+
+def test_beam_search_keeps_its_other_hypotheses(tiny32, speechbrain, jfk):
+    """The n-best list: each beam candidate but the chosen text, distinct, with its whole
+    text's probability relative to the chosen one's, most probable first; none when greedy."""
+    tiny = tiny32
+    clips = [*speechbrain[0][:3], jfk]
+    greedy = tiny._options
+    assert all(t.alternatives == () for t in tiny.transcribe_batch(clips[:2]))
+    tiny._options = dataclasses.replace(greedy, beam_size=5)
+    try:
+        heard = tiny.transcribe_batch(clips)  # several clips: beams over a batch
+        alone = tiny.transcribe(clips[0])
+    finally:
+        tiny._options = greedy
+    assert any(t.alternatives for t in heard)
+    for t in heard:
+        texts = [a for a, _ in t.alternatives]
+        assert t.text.lower() not in (a.lower() for a in texts)
+        assert len(set(map(str.lower, texts))) == len(texts) <= 4  # 5 beams, one chosen
+        probs = [p for _, p in t.alternatives]
+        assert all(0 < p <= 1 for p in probs) and probs == sorted(probs, reverse=True)
+    assert alone.alternatives == heard[0].alternatives  # batched or alone, the same list

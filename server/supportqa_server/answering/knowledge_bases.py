@@ -23,6 +23,24 @@ log = logging.getLogger(__name__)
 # rather than after each one.
 HEAD_SETTLE_S = 1.0
 LM_REBUILD_S = 10.0  # speech LM of a changing knowledge base: rebuilt at most this often (s)
+# The head's full-batch fit holds a rows x entries matrix of logits (float32), and as many
+# probabilities and gradients: past 1e8 (400 MB each) a fit takes gigabytes and minutes an
+# iteration on 2 cores. CLINC150's 15,000 rows x 150 entries are 2.3e6.
+HEAD_MAX_LOGITS = 100_000_000
+
+
+def head_off(got: tuple | None, max_rows: int) -> str | None:
+    """Why a knowledge base goes without an entry head (None: it gets one). got: what
+    store.text_vectors returned (None: more than max_rows rows)."""
+    if got is None:
+        return f"more than SUPPORTQA_HEAD_MAX_ROWS={max_rows} rows"
+    rows, entries = len(got[1]), len(set(got[1]))
+    if entries < 2:
+        return "fewer than 2 entries"
+    if rows * entries > HEAD_MAX_LOGITS:
+        return (f"{rows} rows x {entries} entries: its fit would hold "
+                f"{rows * entries * 4 / 1e9:.1f} GB of logits, over {HEAD_MAX_LOGITS:.0e}")
+    return None
 
 
 @dataclass
@@ -188,9 +206,8 @@ class KnowledgeBases:
                 got = await loop.run_in_executor(
                     self._store_exec, store.text_vectors, kb, s.head_max_rows
                 )
-                if got is None or len(set(got[1])) < 2:
-                    log.info("entry head for %r: off (%s)", kb, "fewer than 2 entries" if got
-                             else f"more than SUPPORTQA_HEAD_MAX_ROWS={s.head_max_rows} rows")
+                if (why := head_off(got, s.head_max_rows)) is not None:
+                    log.info("entry head for %r: off (%s)", kb, why)
                 else:
                     words = await loop.run_in_executor(
                         self._store_exec, word_rows, got[3], len(set(got[1]))

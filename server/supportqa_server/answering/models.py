@@ -75,6 +75,7 @@ class Models:
     def load(self) -> None:
         """Loads every configured model (blocking; call it on the model thread)."""
         from supportqa_server.runtime.devices import configure_threads, resolve_device
+        from supportqa_server.answering.calibration import out_of_scope_pool
         from supportqa_server.runtime.text_runtime import load_text_encoder, tuned_token_budget
 
         s = self.settings
@@ -90,7 +91,7 @@ class Models:
             detail = f"{self.encoder.runtime} ({detail})"
         if self.device == "cpu":
             self.token_budget = s.text_token_budget or tuned_token_budget(
-                self.encoder, s.cache_dir, s.torch_threads)
+                self.encoder, s.cache_dir, s.torch_threads, texts=out_of_scope_pool())
             detail += f", {self.token_budget} tokens a pass"
         log.info("text encoder %s on %s, %s, in %.1f s", self.encoder.model_name, self.device,
                  detail, time.perf_counter() - t0)

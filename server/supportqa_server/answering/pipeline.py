@@ -306,6 +306,9 @@ class Pipeline:
                 return
             if heard.text.strip():
                 queries.append(_Query(heard.text.strip(), heard=True))
+                queries += [_Query(text, weight=p, heard=True) for text, p in
+                            heard.alternatives[: self.settings.speech_nbest - 1]
+                            if p >= self.settings.speech_nbest_min]
         if req.image is not None:
             from supportqa_server.vision.images import load_image
 

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     """Beams of Whisper's beam search; 0: greedy (faster, less accurate)."""
     speech_lm_weight: float = Field(0.3, ge=0.0, le=2.0)
     """Weight of the knowledge base's own language model in Whisper's decoding; 0: off."""
+    speech_nbest: int = Field(1, ge=1, le=8)
+    """Transcripts of a spoken question searched: the beam search's best and up to N-1 other
+    hypotheses, each list weighted by its text's probability relative to the best's and fused
+    (the confidence is the best any hypothesis gives); 1: the best only."""
+    speech_nbest_min: float = Field(0.05, ge=0.0, le=1.0)
+    """A hypothesis less probable than this, relative to the best, is not searched."""
     clip_model: str = ""
     """CLIP path or cached hub id (e.g. `openai/clip-vit-base-patch32`); empty: See route off."""
     ocr: bool = True

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from whisper.audio import N_FRAMES
-from whisper.decoding import BeamSearchDecoder, DecodingTask
+from whisper.decoding import BeamSearchDecoder, DecodingResult, DecodingTask
 from whisper.model import AudioEncoder, Whisper
 
 from supportqa_server.speech.biasing import KnowledgeBias
@@ -146,6 +146,45 @@ class BatchedBeamDecoder(BeamSearchDecoder):
         return tokens, completed
 
 
+@dataclass(frozen=True)
+class NBestResult(DecodingResult):
+    """whisper's result with the beam search's other hypotheses: (text, probability of the
+    whole text relative to the chosen one's), distinct, most probable first."""
+
+    alternatives: tuple[tuple[str, float], ...] = ()
+
+
+class NBestRanker:
+    """whisper's sequence ranker, keeping what it ranks: per utterance, every finished beam
+    candidate's tokens and summed log-probability."""
+
+    def __init__(self, ranker) -> None:
+        self.ranker = ranker
+        self.candidates: list[list[tuple[list[int], float]]] = []
+
+    def rank(self, tokens, sum_logprobs):
+        self.candidates = [[(t.tolist(), float(lp)) for t, lp in zip(ts, lps, strict=True)]
+                           for ts, lps in zip(tokens, sum_logprobs, strict=True)]
+        return self.ranker.rank(tokens, sum_logprobs)
+
+
+def with_alternatives(results: list, ranker: NBestRanker, decode) -> list[NBestResult]:
+    """The results with their utterances' other hypotheses (decode: token ids -> text)."""
+    out = []
+    for r, candidates in zip(results, ranker.candidates, strict=True):
+        best = next((lp for t, lp in candidates if t == list(r.tokens)), None)
+        alts, seen = [], {r.text.strip().lower()}
+        for tokens, lp in sorted(candidates, key=lambda c: -c[1]):
+            text = decode(tokens).strip()
+            if best is None or not text or text.lower() in seen:
+                continue
+            seen.add(text.lower())
+            alts.append((text, float(np.exp(min(0.0, lp - best)))))
+        fields = {f.name: getattr(r, f.name) for f in dataclasses.fields(DecodingResult)}
+        out.append(NBestResult(**fields, alternatives=tuple(alts)))
+    return out
+
+
 class FeaturesTask(DecodingTask):
     """whisper's decoding task fed encoder outputs of any length (stock: 1500 or a mel).
 
@@ -160,6 +199,7 @@ class FeaturesTask(DecodingTask):
         super().__init__(model, options)
         if type(self.decoder) is BeamSearchDecoder:
             self.decoder.__class__ = BatchedBeamDecoder
+        self.sequence_ranker = NBestRanker(self.sequence_ranker)
         # Drop an utterance's rows once its beam search has finished: set for beam search with
         # the cross-attention cache one row per utterance (cross_kv_per_utterance).
         self.drop_finished = False

@@ -26,6 +26,7 @@ from supportqa_server.speech.decoding import (
     cross_kv_per_utterance,
     keep_cross_attention_in_place,
     repeats,
+    with_alternatives,
 )
 from supportqa_server.speech.whisper_convert import load_whisper
 
@@ -61,6 +62,9 @@ class Transcription:
     language: str  # ISO 639-1 code, as given or detected; "en" for English-only models
     no_speech_prob: float = math.nan  # Whisper's probability that the utterance holds no speech
     avg_logprob: float = math.nan  # mean log-probability per token of the decoded text
+    # The beam search's other hypotheses: (text, its probability relative to ``text``'s),
+    # most probable first; empty when decoded greedily.
+    alternatives: tuple[tuple[str, float], ...] = ()
 
     @property
     def confidence(self) -> float:
@@ -293,7 +297,8 @@ class SpeechRecognizer:
             task.logit_filters.append(
                 KnowledgeBias(lms, self.lm_weight, task.sample_begin, beams)
             )
-        return task.run(features)
+        results = task.run(features)
+        return with_alternatives(results, task.sequence_ranker, task.tokenizer.decode)
 
     def _shared_prior_decode(self, features, row_priors, n_utterances, options, lms):
         """whisper.decode with the utterances' positions only and each prior's read once a step."""
@@ -361,6 +366,7 @@ class SpeechRecognizer:
                     language=r.language if self.multilingual else "en",
                     no_speech_prob=float(r.no_speech_prob),
                     avg_logprob=float(r.avg_logprob),
+                    alternatives=getattr(r, "alternatives", ()),
                 )
             )
         return out

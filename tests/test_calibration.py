@@ -132,3 +132,32 @@ async def test_a_served_knowledge_base_calibrates_its_own_threshold(client):
     on_topic = await client.ask("someone nicked my debit card out of my bag")
     assert on_topic.answers[0].entry_id == "card-stolen"
     assert on_topic.answers[0].score >= kb.threshold
+
+
+@pytest.mark.slow
+async def test_a_write_under_way_holds_the_head_and_calibration_back(tmp_path):
+    """A bulk ingest embeds its next batch while the last one is committed: a fit begun in
+    between would be stale at once and would take the model thread from the embedding."""
+    import asyncio
+
+    from conftest import SAMPLE_KB
+    from supportqa.client import AsyncSupportClient
+    from supportqa.knowledge_file import read_entries
+    from supportqa_server.answering.knowledge_bases import HEAD_SETTLE_S
+    from supportqa_server.answering.pipeline import Pipeline
+    from supportqa_server.api.server import running_server
+    from supportqa_tools.evaluation import wait_for_head
+
+    settings = Settings(port=0, data_dir=tmp_path, speech_model="", clip_model="", ocr=False)
+    pipeline = Pipeline(settings)
+    async with running_server(settings, pipeline) as target:
+        async with AsyncSupportClient(target, timeout=180) as c:
+            with pipeline.kbs.writing("default"):  # as a next batch being embedded would
+                await c.upsert(read_entries(SAMPLE_KB))
+                await asyncio.sleep(4 * HEAD_SETTLE_S)
+                kb = (await c.stats("default")).knowledge_bases[0]
+                assert kb.head == "training" and pipeline.kbs.state("default").head is None
+                assert "while calibrating" in kb.threshold_source
+            assert await wait_for_head(c, "default", timeout_s=180) == "ready"
+            kb = (await c.stats("default")).knowledge_bases[0]
+            assert kb.threshold_source.startswith("calibrated"), kb.threshold_source

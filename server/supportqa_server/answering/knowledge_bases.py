@@ -6,6 +6,7 @@ calibration.py the threshold's measurement."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -57,6 +58,9 @@ class KnowledgeBaseState:
     speech_lm_built: float = float("-inf")  # time.monotonic() s
     calibration: Calibration | None = None  # the latest, possibly of an older revision
     calibration_off_at: int | None = None  # a revision too small to calibrate
+    # Writes of this process under way (embedding or committing): the head waits for them,
+    # since a bulk ingest commits a batch every few seconds and each fit in between is stale.
+    writing: int = 0
 
 
 class KnowledgeBases:
@@ -150,6 +154,16 @@ class KnowledgeBases:
             st.head_task = asyncio.get_running_loop().create_task(self._train(st))
         return None
 
+    @contextlib.contextmanager
+    def writing(self, kb: str):
+        """Marks a write of kb under way: its head and calibration wait until it ends."""
+        st = self.state(kb)
+        st.writing += 1
+        try:
+            yield
+        finally:
+            st.writing -= 1
+
     def head_state(self, kb: str) -> str:
         """"ready" (trained on the current entries), "training" or "off"."""
         if self.head(kb) is not None:
@@ -198,7 +212,7 @@ class KnowledgeBases:
             if st.head is not None and st.head.revision == revision:
                 return
             await asyncio.sleep(HEAD_SETTLE_S)
-            if store.revision(kb) != revision:
+            if store.revision(kb) != revision or st.writing:
                 continue  # still being written
             t0 = time.perf_counter()
             trainer = None
@@ -219,7 +233,10 @@ class KnowledgeBases:
                     trainer = await loop.run_in_executor(self._model_exec, functools.partial(
                         HeadTrainer, got[2], got[1], c=s.head_c, revision=got[0], words=words))
                     while not await loop.run_in_executor(self._model_exec, trainer.step):
-                        pass
+                        if not await self._still_current(st, revision):
+                            break  # the fit is stale: a new one follows the write
+                    if store.revision(kb) != revision:
+                        continue
             except SupportQAError as e:  # e.g. written with another model: its message says
                 log.warning("entry head for %r: off (%s)", kb, e)
                 trainer = None
@@ -235,6 +252,14 @@ class KnowledgeBases:
                      time.perf_counter() - t0)
             if self.settings.calibrate and self.settings.pinned_threshold(kb) is None:
                 await self._calibrate(st, got)
+
+    async def _still_current(self, st: KnowledgeBaseState, revision: int) -> bool:
+        """Between two steps of a fit: while a write of the knowledge base is under way the
+        fit gives the model thread to it (a bulk ingest's embedding), then goes on if the
+        write changed nothing."""
+        while st.writing:
+            await asyncio.sleep(HEAD_SETTLE_S)
+        return self.store.revision(st.name) == revision
 
     async def _calibrate(self, st: KnowledgeBaseState, got: tuple) -> None:
         """Measures the knowledge base's threshold on the rows the head was trained on
@@ -252,7 +277,8 @@ class KnowledgeBases:
                 Calibrator, *got, pool=self._pool, opts=self.rank_options,
                 head_kwargs={"c": s.head_c}, words_for=word_rows if s.head_words else None))
             while not await loop.run_in_executor(self._model_exec, cal.step):
-                pass
+                if not await self._still_current(st, got[0]):
+                    return  # measured again after the write, with the head that follows it
             result = await loop.run_in_executor(self._model_exec, cal.result)
         except Exception:  # noqa: BLE001 - the fallback threshold applies; the log says why
             log.exception("threshold of %r: calibration failed", st.name)

@@ -74,8 +74,8 @@ class Models:
 
     def load(self) -> None:
         """Loads every configured model (blocking; call it on the model thread)."""
-        from supportqa_server.runtime.devices import configure_threads, resolve_device
         from supportqa_server.answering.calibration import out_of_scope_pool
+        from supportqa_server.runtime.devices import configure_threads, resolve_device
         from supportqa_server.runtime.text_runtime import load_text_encoder, tuned_token_budget
 
         s = self.settings

@@ -469,13 +469,14 @@ class Pipeline:
         """
         store = self._require_ready()
         texts = [[t for _, t in e.texts()] for e in entries]
-        per_entry = await self.models.write_vectors(texts)
-        see = None
-        if self.models.image_encoder is not None:
-            entries, see = await self.models.see_vectors(entries, texts, images)
-        replaced, rows = await asyncio.get_running_loop().run_in_executor(
-            self.store_exec, store.upsert, knowledge_base, entries, per_entry, see
-        )
+        with self.kbs.writing(knowledge_base):
+            per_entry = await self.models.write_vectors(texts)
+            see = None
+            if self.models.image_encoder is not None:
+                entries, see = await self.models.see_vectors(entries, texts, images)
+            replaced, rows = await asyncio.get_running_loop().run_in_executor(
+                self.store_exec, store.upsert, knowledge_base, entries, per_entry, see
+            )
         self.kbs.head(knowledge_base)  # retrain now rather than on the next question
         return UpsertResult(len(entries), replaced, rows)
 

@@ -6,8 +6,8 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path

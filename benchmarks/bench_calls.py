@@ -55,9 +55,10 @@ def mulaw_turns() -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def call(target: str, turns: list[tuple[bytes, bytes]]) -> list[float]:
-    """One call; per turn, seconds from its last speech frame to its first answer event."""
-    from supportqa.client import AsyncSupportClient
+async def call(target: str, turns: list[tuple[bytes, bytes]]) -> tuple[list[float], str]:
+    """One call; per turn, seconds from its last speech frame to its first answer event, and
+    the error that ended the call early ("" if none)."""
+    from supportqa.client import AsyncSupportClient, SupportQAError
     from supportqa.v1 import supportqa_pb2 as pb
 
     spoken_end: list[float] = []
@@ -79,12 +80,15 @@ async def call(target: str, turns: list[tuple[bytes, bytes]]) -> list[float]:
 
     async with AsyncSupportClient(target, timeout=600, retries=0) as c:
         answered = -1
-        async for ev in c.converse(requests(), timeout=600):
-            if isinstance(ev, pb.Done):
-                answered = ev.turn
-            elif isinstance(ev, pb.Answer | pb.NoAnswer) and len(latencies) == answered + 1:
-                latencies.append(time.perf_counter() - spoken_end[len(latencies)])
-    return latencies
+        try:
+            async for ev in c.converse(requests(), timeout=600):
+                if isinstance(ev, pb.Done):
+                    answered = ev.turn
+                elif isinstance(ev, pb.Answer | pb.NoAnswer) and len(latencies) == answered + 1:
+                    latencies.append(time.perf_counter() - spoken_end[len(latencies)])
+        except SupportQAError as e:  # counted: a refused call is a result, not a crash
+            return latencies, e.code.name
+    return latencies, ""
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -114,13 +118,17 @@ def main() -> int:
             asyncio.run(call(server.target, turns[:1]))  # warm-up: models, VAD, LM
             for n in args.calls:
                 lat: list[float] = []
+                errors: dict[str, int] = {}
                 for _ in range(args.rounds):
                     async def all_calls(n=n):
                         return await asyncio.gather(*(call(server.target, turns)
                                                       for _ in range(n)))
-                    for got in asyncio.run(all_calls()):
+                    for got, error in asyncio.run(all_calls()):
                         lat += got
-                rows.append((n, len(lat), statistics.median(lat), percentile(lat, 99)))
+                        if error:
+                            errors[error] = errors.get(error, 0) + 1
+                rows.append((n, len(lat), statistics.median(lat) if lat else float("nan"),
+                             percentile(lat, 99) if lat else float("nan"), errors))
                 print(rows[-1], file=sys.stderr)
         finally:
             server.stop()
@@ -136,11 +144,13 @@ def main() -> int:
         "8 kHz in 20 ms frames at the line's pace. Latency: from the last spoken frame sent "
         "to the turn's first Answer/NoAnswer event; it includes the 700 ms of non-speech "
         "that ends a turn (SUPPORTQA_TURN_SILENCE_MS).", "",
-        "| concurrent calls | turns | p50 (s) | p99 (s) | p50 after the 0.7 s turn end (s) |",
-        "|---:|---:|---:|---:|---:|",
+        "| concurrent calls | turns answered | p50 (s) | p99 (s) | p50 after the 0.7 s turn "
+        "end (s) | calls ended by an error |",
+        "|---:|---:|---:|---:|---:|---|",
     ]
-    for n, count, p50, p99 in rows:
-        lines.append(f"| {n} | {count} | {p50:.2f} | {p99:.2f} | {p50 - 0.7:.2f} |")
+    for n, count, p50, p99, errors in rows:
+        lines.append(f"| {n} | {count} | {p50:.2f} | {p99:.2f} | {p50 - 0.7:.2f} | "
+                     f"{errors or '-'} |")
     return write_report(args.out, lines + [""])
 
 

@@ -21,7 +21,6 @@ import asyncio
 import csv
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_text import BANKING, BIN, ROOT, load, rss_mb, write_report  # noqa: E402
-from bench_versus import cpu_flags, cpu_model  # noqa: E402
+from bench_text import BANKING, ROOT, load, rss_mb, write_report  # noqa: E402
+from bench_versus import Served, cpu_flags, cpu_model  # noqa: E402
 
 ROWS_PER_ENTRY = 10  # title, 8 paraphrases, answer
 PARAPHRASES = 8
@@ -74,31 +73,6 @@ def tree_rss_mb(pids: list[int]) -> float:
     return total
 
 
-class Served:
-    def __init__(self, data_dir: Path, port: int, milvus_uri: str = "") -> None:
-        env = dict(os.environ, SUPPORTQA_SPEECH_MODEL="", SUPPORTQA_OCR="false",
-                   SUPPORTQA_CLIP_MODEL="", SUPPORTQA_METRICS_PORT="0", HF_HUB_OFFLINE="1")
-        if milvus_uri:
-            env["SUPPORTQA_MILVUS_URI"] = milvus_uri
-        self.port = port
-        self.proc = subprocess.Popen(
-            [str(BIN / "supportqa-server"), "--log-level", "WARNING", "serve", "--port",
-             str(port), "--data-dir", str(data_dir)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "w"))
-        from supportqa.client import SupportClient
-
-        with SupportClient(self.target) as c:
-            c.wait_ready(600)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
 async def grow(target: str, kb: str, new) -> tuple[int, float, float, str]:
     """Upserts the new entries; returns (rows, ingest s, settle s, head state)."""
     from supportqa.client import AsyncSupportClient
@@ -137,7 +111,8 @@ def main() -> int:
                 milvus = Milvus(store, tmp / "milvus")
                 milvus.start()
             try:
-                srv = Served(tmp, args.port, milvus.uri if milvus else "")
+                srv = Served(store, tmp, args.port, **(
+                    {"SUPPORTQA_MILVUS_URI": milvus.uri} if milvus else {}))
                 have = 0
                 for rows in sorted(args.rows):
                     new = entries(have, rows // ROWS_PER_ENTRY, by_intent, kb)

@@ -58,10 +58,12 @@ def cpu_flags() -> str:
 class Served:
     """A server in a subprocess: today's (`supportqa-server`) or an earlier tree's."""
 
-    def __init__(self, label: str, data_dir: Path, port: int, source: Path | None) -> None:
+    def __init__(self, label: str, data_dir: Path, port: int, source: Path | None = None,
+                 **settings: str) -> None:
         self.label, self.port = label, port
         env = dict(os.environ, SUPPORTQA_SPEECH_MODEL="", SUPPORTQA_OCR="false",
-                   SUPPORTQA_CLIP_MODEL="", SUPPORTQA_METRICS_PORT="0", HF_HUB_OFFLINE="1")
+                   SUPPORTQA_CLIP_MODEL="", SUPPORTQA_METRICS_PORT="0", HF_HUB_OFFLINE="1",
+                   **settings)
         args = ["--log-level", "WARNING", "serve", "--port", str(port), "--data-dir",
                 str(data_dir)]
         if source is None:

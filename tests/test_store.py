@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from supportqa_server.errors import NotFound, WrongModel
+from supportqa_server.knowledge import store as store_module
 from supportqa_server.knowledge.store import READ_TRIES, EntryData, KnowledgeStore, key_of
 
 DIM = 8
@@ -352,18 +353,19 @@ def test_a_knowledge_base_of_the_layout_before_keys_is_moved_over(tmp_path):
 
 
 @pytest.mark.parametrize("overlapping_writes", [1, READ_TRIES])  # the last: kept by merging
-def test_a_reread_overlapped_by_an_own_write_never_undoes_it(store, overlapping_writes):
+def test_a_reread_overlapped_by_an_own_write_never_undoes_it(store, overlapping_writes,
+                                                               monkeypatch):
     """A replica's re-read of Milvus (refresh) that its own write overlaps may have been taken
     before the write committed; what it read must not replace the newer entry in memory (two
     replicas once both answered a round-2 version after their own round-4 writes)."""
     first = EntryData(id="lost", title="Lost card", answer="round 0")
     store.upsert("kb", [first], [vectors(first, 0)])
     state = store._kb("kb")
-    scan, scans = store._scan_entries, []
+    scan, scans = store_module.scan_entries, []
     written = {"n": 0}
 
-    def scan_then_write(st):
-        got = scan(st)  # read as Milvus has it now...
+    def scan_then_write(client, st):
+        got = scan(client, st)  # read as Milvus has it now...
         scans.append(got["lost"][1].answer)
         if written["n"] < overlapping_writes:  # ...then this process commits a newer one
             written["n"] += 1
@@ -371,30 +373,52 @@ def test_a_reread_overlapped_by_an_own_write_never_undoes_it(store, overlapping_
             store.upsert("kb", [e], [vectors(e, 0)])
         return got
 
-    store._scan_entries = scan_then_write
+    monkeypatch.setattr(store_module, "scan_entries", scan_then_write)
     store._read_entries(state)
     assert store.get("kb", "lost").answer == f"round {overlapping_writes}"
     assert scans[0] == "round 0"  # the read that overlapped the write was the stale one
     # Once no write overlaps, the re-read is Milvus's as it is, and forgets the pins.
-    store._scan_entries = scan
+    monkeypatch.setattr(store_module, "scan_entries", scan)
     store._read_entries(state)
     assert store.get("kb", "lost").answer == f"round {overlapping_writes}"
     assert state.written_since(state.writes) == []
 
 
-def test_a_reread_overlapped_by_an_own_delete_keeps_the_entry_gone(store):
+def test_a_reread_overlapped_by_an_own_delete_keeps_the_entry_gone(store, monkeypatch):
     a = EntryData(id="a", title="alpha", answer="first")
     store.upsert("kb", [a], [vectors(a, 0)])
     state = store._kb("kb")
-    scan = store._scan_entries
+    scan = store_module.scan_entries
 
-    def scan_then_delete(st):
-        got = scan(st)
-        store._scan_entries = scan
+    def scan_then_delete(client, st):
+        got = scan(client, st)
+        monkeypatch.setattr(store_module, "scan_entries", scan)
         store.delete("kb", ["a"])
         return got
 
-    store._scan_entries = scan_then_delete
+    monkeypatch.setattr(store_module, "scan_entries", scan_then_delete)
     store._read_entries(state)
     with pytest.raises(NotFound):
         store.get("kb", "a")
+
+
+def test_own_commits_are_confirmed_against_milvus_before_a_poll_skips_them(store):
+    """On a shared Milvus another replica's commit of the same entry may land after this
+    replica's and publish before it: the revision is then this replica's own, yet Milvus holds
+    the other's entry. A poll first checks that Milvus still holds its own commits."""
+    a = EntryData(id="a", title="alpha", answer="mine")
+    store.upsert("kb", [a], [vectors(a, 0)])
+    state = store._kb("kb")
+    mine = state.committed["a"][0]
+    state.unconfirmed = {key_of("a"): mine}
+    assert store_module.own_writes_stand(store.client, state)
+    assert state.unconfirmed == {}  # confirmed: forgotten
+    theirs = EntryData(id="a", title="alpha", answer="theirs")
+    store.upsert("kb", [theirs], [vectors(theirs, 0)])  # stands in for the other's commit
+    state.unconfirmed = {key_of("a"): mine}
+    assert not store_module.own_writes_stand(store.client, state)
+    assert state.unconfirmed == {key_of("a"): mine}  # a re-read follows and settles it
+    store._read_entries(state)
+    assert state.unconfirmed == {} and store.get("kb", "a").answer == "theirs"
+    state.unconfirmed = {key_of("gone"): -1}  # an own delete stands while the key is absent
+    assert store_module.own_writes_stand(store.client, state)

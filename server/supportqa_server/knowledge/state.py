@@ -25,6 +25,9 @@ class KBState:
     # This process's own commits (upserts and deletes) so far: a re-read from Milvus that
     # a commit overlapped may predate it, and must not replace it (store._read_entries).
     writes: int = 0
+    # Entry key -> the version this process last committed (-1: deleted), on a shared
+    # Milvus, until a poll finds Milvus holding it (store.own_writes_stand) or re-reads.
+    unconfirmed: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     # Entry id -> ``writes`` at this process's last commit of it, until a re-read covers it.
     _written: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 

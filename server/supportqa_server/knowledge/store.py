@@ -197,44 +197,22 @@ class KnowledgeStore(SearchMixin):
         """
         for attempt in range(READ_TRIES):
             writes = state.writes
-            committed = self._scan_entries(state)
+            committed = scan_entries(self.client, state)
             with state.lock:
                 if state.writes == writes or attempt == READ_TRIES - 1:
-                    for entry_id in state.written_since(writes):
+                    recent = state.written_since(writes)
+                    for entry_id in recent:
                         if entry_id in state.committed:
                             committed[entry_id] = state.committed[entry_id]
                         else:
                             committed.pop(entry_id, None)
+                    kept = {key_of(i) for i in recent}  # the others are as Milvus has them
+                    state.unconfirmed = {k: v for k, v in state.unconfirmed.items() if k in kept}
                     state.revision += 1
                     state.committed = committed
                     state.ids = {key_of(i): i for i in committed}
                     state.revision += 1
                     return
-
-    def _scan_entries(self, state: KBState) -> dict[str, tuple[int, EntryData]]:
-        """The committed entries of a knowledge base as Milvus has them now."""
-        committed: dict[str, tuple[int, EntryData]] = {}
-        for batch in scan(self.client, entries_name(state.name), ["key", "version", "doc"],
-                          pk="key"):
-            for r in batch:
-                e = EntryData.from_json(r["doc"])
-                committed[e.id] = (int(r["version"]), e)
-        # Passage texts live in their rows: kept from memory where the version is the same,
-        # else read back.
-        unread: dict[str, int] = {}
-        for entry_id, (version, e) in committed.items():
-            if e.passages:
-                known = state.committed.get(entry_id)
-                if known is not None and known[0] == version and known[1].stored_text:
-                    committed[entry_id] = known
-                else:
-                    unread[key_of(entry_id)] = version
-        if unread:
-            texts = passage_texts(self.client, state.name, unread)
-            for entry_id, (version, e) in committed.items():
-                if (key := key_of(entry_id)) in unread:
-                    committed[entry_id] = (version, e.with_passage_texts(texts.get(key, {})))
-        return committed
 
     def _kb(self, kb: str, *, create: bool = False, vectors: str = "") -> KBState:
         """A knowledge base's state. ``vectors`` ("text" or "image"): the caller writes or
@@ -297,8 +275,9 @@ class KnowledgeStore(SearchMixin):
                     if kb not in self._kbs:
                         self._load(kb, drop_dead=False)
                 state = self._kbs[kb]
-            elif state.published == revision:
-                continue
+            elif state.published == revision and (
+                    not state.unconfirmed or own_writes_stand(self.client, state)):
+                continue  # nothing new; or the revision is this replica's own, and it stands
             else:
                 self._read_entries(state)
             state.published = revision
@@ -388,6 +367,8 @@ class KnowledgeStore(SearchMixin):
                 state.committed[e.id] = (version, e)
                 state.ids[key_of(e.id)] = e.id
             state.wrote(e.id for e in entries)
+            if self.shared:
+                state.unconfirmed.update((key_of(e.id), version) for e in entries)
             state.revision += 1
             self._publish(kb, version)
             # Only the rows of the versions replaced: rows of another replica's write in
@@ -413,6 +394,8 @@ class KnowledgeStore(SearchMixin):
                     state.committed.pop(x, None)
                     state.ids.pop(k, None)
                 state.wrote(chunk)
+                if self.shared:
+                    state.unconfirmed.update((k, -1) for k in keys)
                 state.revision += 1
                 self._publish(kb, self._next_version())
                 self._deletes.later(kb, old)
@@ -474,3 +457,45 @@ class KnowledgeStore(SearchMixin):
         """(entries, text rows, image rows) of a knowledge base."""
         state = self._kb(kb)
         return len(state.committed), state.rows, state.image_rows
+
+
+def scan_entries(client, state: KBState) -> dict[str, tuple[int, EntryData]]:
+    """The committed entries of a knowledge base as Milvus has them now."""
+    committed: dict[str, tuple[int, EntryData]] = {}
+    for batch in scan(client, entries_name(state.name), ["key", "version", "doc"],
+                      pk="key"):
+        for r in batch:
+            e = EntryData.from_json(r["doc"])
+            committed[e.id] = (int(r["version"]), e)
+    # Passage texts live in their rows: kept from memory where the version is the same,
+    # else read back.
+    unread: dict[str, int] = {}
+    for entry_id, (version, e) in committed.items():
+        if e.passages:
+            known = state.committed.get(entry_id)
+            if known is not None and known[0] == version and known[1].stored_text:
+                committed[entry_id] = known
+            else:
+                unread[key_of(entry_id)] = version
+    if unread:
+        texts = passage_texts(client, state.name, unread)
+        for entry_id, (version, e) in committed.items():
+            if (key := key_of(entry_id)) in unread:
+                committed[entry_id] = (version, e.with_passage_texts(texts.get(key, {})))
+    return committed
+
+def own_writes_stand(client, state: KBState) -> bool:
+    """Whether Milvus still holds this process's own latest commits of a knowledge base as
+    they were written (read at Strong consistency). Another replica's commit of the same
+    entries may land after one's own and publish before it; the revision in supportqa_meta is
+    then one's own, yet Milvus holds the other's entry. Confirmed commits are forgotten."""
+    with state.lock:
+        mine = dict(state.unconfirmed)
+    found = stored_versions(client, state.name, sorted(mine))
+    if any(found.get(key, -1) != version for key, version in mine.items()):
+        return False
+    with state.lock:
+        for key, version in mine.items():
+            if state.unconfirmed.get(key) == version:
+                del state.unconfirmed[key]
+    return True

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_text import BANKING, ROOT, load, rss_mb, write_report  # noqa: E402
-from bench_versus import Served, cpu_flags, cpu_model  # noqa: E402
+from bench_text import BANKING, ROOT, Server, load, rss_mb, write_report  # noqa: E402
+from bench_versus import cpu_flags, cpu_model  # noqa: E402
 
 ROWS_PER_ENTRY = 10  # title, 8 paraphrases, answer
 PARAPHRASES = 8
@@ -111,7 +111,7 @@ def main() -> int:
                 milvus = Milvus(store, tmp / "milvus")
                 milvus.start()
             try:
-                srv = Served(store, tmp, args.port, **(
+                srv = Server(tmp, args.port, **(
                     {"SUPPORTQA_MILVUS_URI": milvus.uri} if milvus else {}))
                 have = 0
                 for rows in sorted(args.rows):

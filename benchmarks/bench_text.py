@@ -50,25 +50,35 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    """`supportqa-server serve` in a subprocess, so the load generator does not share its GIL."""
+    """`supportqa-server serve` in a subprocess, so the load generator does not share its GIL;
+    with ``source``, the server of an earlier tree (`git archive` of its server/ and
+    clients/), run from this venv. Its log goes to data_dir/server.log."""
 
-    def __init__(self, data_dir: Path, port: int, **env: str) -> None:
+    def __init__(self, data_dir: Path, port: int, source: Path | None = None,
+                 **env: str) -> None:
         self.port = port
         e = dict(os.environ, SUPPORTQA_SPEECH_MODEL="", SUPPORTQA_OCR="false",
-                 SUPPORTQA_CLIP_MODEL="", HF_HUB_OFFLINE="1")
+                 SUPPORTQA_CLIP_MODEL="", SUPPORTQA_METRICS_PORT="0", HF_HUB_OFFLINE="1")
         e.update(env)
-        self.proc = subprocess.Popen(
-            [str(BIN / "supportqa-server"), "--log-level", "WARNING", "serve", "--port",
-             str(port), "--data-dir", str(data_dir)],
-            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        args = ["--log-level", "WARNING", "serve", "--port", str(port), "--data-dir",
+                str(data_dir)]
+        if source is None:
+            cmd = [str(BIN / "supportqa-server"), *args]
+        else:  # the earlier tree first on the path: its server, its generated protos
+            e["PYTHONPATH"] = f"{source / 'server'}{os.pathsep}{source / 'clients'}"
+            cmd = [sys.executable, "-c", "import sys; from supportqa_server.cli import main; "
+                   "sys.exit(main())", *args]
+        self.proc = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL,
+                                     stderr=open(data_dir / "server.log", "w"))
         from supportqa.client import SupportClient
 
+        t0 = time.perf_counter()
         with SupportClient(self.target) as c:
-            c.wait_ready(180)
+            c.wait_ready(600)
+        self.start_s = time.perf_counter() - t0  # start-up to SERVING
         self.settle()
 
-    def settle(self) -> None:
+    def settle(self, timeout_s: float = 900.0) -> None:
         """Waits while the server trains entry heads (after start-up or writes): that CPU
         would land in the first load point, and its answers would rank without a head."""
         from supportqa.client import AsyncSupportClient
@@ -77,7 +87,7 @@ class Server:
         async def wait() -> None:
             async with AsyncSupportClient(self.target) as c:
                 for kb in (await c.stats()).knowledge_bases:
-                    await wait_for_head(c, kb.name)
+                    await wait_for_head(c, kb.name, timeout_s=timeout_s)
 
         asyncio.run(wait())
 
@@ -87,7 +97,7 @@ class Server:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(30)
+        self.proc.wait(60)
 
 
 def ceiling(data_dir: Path, kb: str, queries: list[str]) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_text import BIN, ROOT, banking_entries, load, rss_mb, write_report  # noqa: E402
+from bench_text import ROOT, Server, banking_entries, load, rss_mb, write_report  # noqa: E402
 
 HELD_OUT = 0.2  # of each intent's paraphrases, asked as the held-out questions
 SEED = 13
@@ -53,52 +53,6 @@ def cpu_flags() -> str:
             break
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
-
-
-class Served:
-    """A server in a subprocess: today's (`supportqa-server`) or an earlier tree's."""
-
-    def __init__(self, label: str, data_dir: Path, port: int, source: Path | None = None,
-                 **settings: str) -> None:
-        self.label, self.port = label, port
-        env = dict(os.environ, SUPPORTQA_SPEECH_MODEL="", SUPPORTQA_OCR="false",
-                   SUPPORTQA_CLIP_MODEL="", SUPPORTQA_METRICS_PORT="0", HF_HUB_OFFLINE="1",
-                   **settings)
-        args = ["--log-level", "WARNING", "serve", "--port", str(port), "--data-dir",
-                str(data_dir)]
-        if source is None:
-            cmd = [str(BIN / "supportqa-server"), *args]
-        else:  # the earlier tree first on the path: its server, its generated protos
-            env["PYTHONPATH"] = f"{source / 'server'}{os.pathsep}{source / 'clients'}"
-            cmd = [sys.executable, "-c", "import sys; from supportqa_server.cli import main; "
-                   "sys.exit(main())", *args]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(data_dir / "server.log", "w"))
-        from supportqa.client import SupportClient
-
-        t0 = time.perf_counter()
-        with SupportClient(self.target) as c:
-            c.wait_ready(600)
-        self.start_s = time.perf_counter() - t0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def settle(self) -> None:
-        from supportqa.client import AsyncSupportClient
-        from supportqa_tools.evaluation import wait_for_head
-
-        async def wait() -> None:
-            async with AsyncSupportClient(self.target) as c:
-                for kb in (await c.stats()).knowledge_bases:
-                    await wait_for_head(c, kb.name, timeout_s=900)
-
-        asyncio.run(wait())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
 
 
 def held_out_split(entries, seed: int = SEED):
@@ -137,7 +91,7 @@ async def accuracy(target: str, asked: list[tuple[str, str]], concurrency: int =
     return {"accuracy": right / len(asked), "errors": failed, "n": len(asked)}
 
 
-def ingest(srv: Served, entries, heldout_kb) -> dict:
+def ingest(srv: Server, entries, heldout_kb) -> dict:
     from supportqa.client import SupportClient
 
     out = {}
@@ -179,15 +133,14 @@ def main() -> int:
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
         for name in ("base", "now"):  # ingest each once; the data folders are kept
             (tmp / name).mkdir()
-            srv = Served(name, tmp / name, args.port, source if name == "base" else None)
+            srv = Server(tmp / name, args.port, source if name == "base" else None)
             notes[name] = {"start_s": srv.start_s, **ingest(srv, entries, heldout_kb)}
             notes[name]["accuracy"] = asyncio.run(accuracy(srv.target, asked))
             print(name, notes[name], flush=True)
             srv.stop()
         for r in range(args.rounds):
             for name in (("base", "now") if r % 2 == 0 else ("now", "base")):
-                srv = Served(name, tmp / name, args.port, source if name == "base" else None)
-                srv.settle()
+                srv = Server(tmp / name, args.port, source if name == "base" else None)
                 for c in args.concurrency:
                     got = asyncio.run(load(srv.target, "banking", queries, c, args.duration))
                     results[(name, c)].append(got)

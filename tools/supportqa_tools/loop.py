@@ -29,7 +29,7 @@ from supportqa_tools.datasets import (
     read_examples,
 )
 from supportqa_tools.faq import is_faq_file
-from supportqa_tools.metrics import Outcome, compute_metrics
+from supportqa_tools.metrics import Outcome, compute_metrics, fmt_cell
 
 TRAFFIC_CONVERSATION = "supportqa-eval-loop-traffic"  # Question.metadata of the traffic
 SCORING_CONVERSATION = "supportqa-eval-loop-scoring"  # of the scored queries, forgotten after
@@ -437,14 +437,6 @@ async def _run_in_process(args: argparse.Namespace, data: LoopData, client_facto
         return await run_loop(client, data, args)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
-
-
 def format_before_after(before: dict, after: dict) -> str:
     """The compared metrics and the threshold, before and after, side by side."""
     keys = [k for k in (*COMPARED, "threshold") if k in before]
@@ -453,7 +445,7 @@ def format_before_after(before: dict, after: dict) -> str:
         b, a = before[k], after[k]
         change = (f"{a - b:+.3f}" if abs(a - b) < 10 else f"{a - b:+.1f}") if isinstance(
             a, float) and isinstance(b, float) else ""
-        lines.append(f"{k:<20}{_cell(b):>10}{_cell(a):>10}{change:>10}")
+        lines.append(f"{k:<20}{fmt_cell(b):>10}{fmt_cell(a):>10}{change:>10}")
     lines.append(f"threshold before: {before['threshold_source']}")
     lines.append(f"threshold after:  {after['threshold_source']}")
     return "\n".join(lines)
@@ -464,7 +456,7 @@ def format_counts(c: dict, traffic: dict) -> str:
     acc = traffic.get("accuracy_at_1")
     return "\n".join([
         f"traffic asked {c['traffic_asked']} ({c['traffic_errors']} failed; its accuracy@1 "
-        f"{_cell(acc)})",
+        f"{fmt_cell(acc)})",
         f"feedback sent {c['feedback_sent']}: helpful {c['feedback_helpful']}, not helpful "
         f"naming the right entry {c['feedback_not_helpful_named']}, not helpful naming none "
         f"{c['feedback_not_helpful_unnamed']} ({c['feedback_failed']} failed)",

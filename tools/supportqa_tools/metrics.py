@@ -177,7 +177,8 @@ def best_threshold(rows: Sequence[dict]) -> float | None:
 # Reports
 
 
-def _fmt(value: Any) -> str:
+def fmt_cell(value: Any) -> str:
+    """A report cell: "-" for None, 3 decimals for a float under 10, 1 above."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -189,7 +190,7 @@ def format_metrics(metrics: dict) -> str:
     """Renders metrics as a two-column table (None as "-")."""
     keys = [k for k, v in metrics.items() if not isinstance(v, dict | list)]
     width = max(map(len, keys))
-    return "\n".join(f"{k:<{width}}  {_fmt(metrics[k]):>9}" for k in keys)
+    return "\n".join(f"{k:<{width}}  {fmt_cell(metrics[k]):>9}" for k in keys)
 
 
 def format_sweep(rows: Sequence[dict], marked: float | None = None) -> str:
@@ -207,7 +208,7 @@ def format_sweep(rows: Sequence[dict], marked: float | None = None) -> str:
     lines = [f"{'threshold':>9}" + "".join(f"{short.get(c, c):>13}" for c in columns)]
     for row in rows:
         mark = "  <" if marked is not None and row["threshold"] == marked else ""
-        cells = "".join(f"{_fmt(row[c]):>13}" for c in columns)
+        cells = "".join(f"{fmt_cell(row[c]):>13}" for c in columns)
         lines.append(f"{row['threshold']:>9.3f}{cells}{mark}")
     return "\n".join(lines)
 
